@@ -1,0 +1,88 @@
+"""Test setup shared by every test.
+
+* Triton runs on the CPU through its interpreter when there is no GPU: TRITON_INTERPRET=1 must be set
+  before triton is imported, so it is set here, before anything imports it.
+* ``assert_close`` reports where and by how much a comparison failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def triton_usable() -> bool:
+    """Triton kernels can run here: on a GPU, or on the CPU under the interpreter."""
+    from hilt_kernels.dispatch import interpreting, triton_status
+
+    return triton_status() is None and (HAS_CUDA or interpreting())
+
+
+def test_device() -> str:
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+# The backends the op tests run. "reference-math" is the reference backend with its fused CPU path
+# switched off, so both formulations are checked on CPU.
+OP_BACKENDS = ["reference", "reference-math", "triton"]
+
+
+@pytest.fixture(params=OP_BACKENDS)
+def backend(request, monkeypatch):
+    name = request.param
+    if name == "triton" and not triton_usable():
+        pytest.skip("triton is not usable here (not importable, or no GPU and TRITON_INTERPRET != 1)")
+    if name == "reference-math":
+        import hilt_kernels.reference.block_local_attention as bla_ref
+
+        monkeypatch.setattr(bla_ref, "FORCE_MATH", True)
+        return "reference"
+    return name
+
+
+@pytest.fixture
+def nan_fill(monkeypatch):
+    """Pre-fill every freshly allocated op output with NaN, so unwritten elements fail."""
+    monkeypatch.setenv("HILT_DEBUG_NAN_FILL", "1")
+
+
+TOLERANCES = {
+    # (atol, rtol) for an op in this dtype against the fp64 naive result
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-4, 1e-4),
+    # 16-bit results against the same op in fp32 on the same (rounded) inputs
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "tensor"):
+    """torch.allclose with a report of the worst element, the mismatch count and NaNs."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    if nan_a.any() or nan_e.any():
+        raise AssertionError(
+            f"{name}: {int(nan_a.sum())} NaN in actual, {int(nan_e.sum())} NaN in expected "
+            f"(first NaN at {tuple(torch.nonzero(nan_a | nan_e)[0].tolist())})"
+        )
+    if a.numel() == 0:
+        return
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    if bad.any():
+        worst = torch.nonzero(err == err.max())[0].tolist()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{a.numel()} elements differ beyond atol={atol} rtol={rtol}; "
+            f"max abs error {err.max().item():.3e} at {tuple(worst)} "
+            f"(actual {a[tuple(worst)].item():.6g}, expected {e[tuple(worst)].item():.6g})"
+        )
