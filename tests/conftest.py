@@ -26,8 +26,20 @@ def triton_usable() -> bool:
     return triton_status() is None and (HAS_CUDA or interpreting())
 
 
-def test_device() -> str:
-    return "cuda" if HAS_CUDA else "cpu"
+def on_test_device(fn):
+    """``fn`` run on the test device: CUDA when present (tensor arguments moved there, results moved
+    back to the CPU, autograd flowing through both moves), else unchanged on the CPU."""
+    if not HAS_CUDA:
+        return fn
+
+    def move(x):
+        return x.to("cuda") if isinstance(x, torch.Tensor) else x
+
+    def wrapped(*args, **kwargs):
+        out = fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+
+    return wrapped
 
 
 # The backends the op tests run. "reference-math" is the reference backend with its fused CPU path

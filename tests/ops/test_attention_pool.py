@@ -7,11 +7,11 @@ import torch
 
 import hilt_kernels
 from tests import naive
-from tests.conftest import HAS_CUDA, TOLERANCES, assert_close
+from tests.conftest import TOLERANCES, assert_close, on_test_device
 from tests.ops.common import check_16bit_against_fp32, check_against_naive, leaf
 from tests.ops.test_block_local_attention import make_mask
 
-OP = hilt_kernels.attention_pool
+OP = on_test_device(hilt_kernels.attention_pool)
 
 # (B, T, H, D, block_size, shared values, mask kind)
 CASES = [
@@ -33,18 +33,8 @@ def masters(B, T, H, D, shared, seed=0):
     return [scores, values]
 
 
-def _device(backend):
-    return "cuda" if HAS_CUDA and backend == "triton" else "cpu"
-
-
 def _op(backend, b, mask):
-    dev = _device(backend)
-
-    def op(scores, values):
-        m = mask.to(dev) if mask is not None else None
-        return OP(scores.to(dev), values.to(dev), b, key_padding_mask=m, backend=backend).cpu()
-
-    return op
+    return lambda scores, values: OP(scores, values, b, key_padding_mask=mask, backend=backend)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

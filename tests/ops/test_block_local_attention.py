@@ -10,10 +10,10 @@ import torch
 import hilt_kernels
 from hilt_kernels.dispatch import load_impl
 from tests import naive
-from tests.conftest import HAS_CUDA, TOLERANCES, assert_close
+from tests.conftest import HAS_CUDA, TOLERANCES, assert_close, on_test_device
 from tests.ops.common import check_16bit_against_fp32, check_against_naive, leaf
 
-OP = hilt_kernels.block_local_attention
+OP = on_test_device(hilt_kernels.block_local_attention)
 
 
 def make_mask(kind, B, T, b, seed=0):
@@ -60,11 +60,9 @@ def _dtypes(backend):
 def test_matches_naive(backend, case, nan_fill):
     B, T, H, D, b, causal, kind = case
     mask = make_mask(kind, B, T, b)
-    dev = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
 
     def op(q, k, v):
-        m = mask.to(dev) if mask is not None else None
-        return OP(q.to(dev), k.to(dev), v.to(dev), b, causal=causal, key_padding_mask=m, backend=backend).cpu()
+        return OP(q, k, v, b, causal=causal, key_padding_mask=mask, backend=backend)
 
     def ref(q, k, v):
         return naive.block_local_attention(q, k, v, b, causal=causal, key_padding_mask=mask)
@@ -80,7 +78,7 @@ def test_lse_and_empty_rows(backend, case, nan_fill):
     mask = make_mask(kind, B, T, b)
     q, k, v = (x.float() for x in masters(B, T, H, D))
     scale = D**-0.5
-    out, lse = load_impl("block_local_attention", backend).forward(q, k, v, b, causal, scale, mask)
+    out, lse = on_test_device(load_impl("block_local_attention", backend).forward)(q, k, v, b, causal, scale, mask)
     assert lse.shape == (B, H, T) and lse.dtype == torch.float32
     for bb in range(B):
         for t in range(T):
@@ -103,11 +101,9 @@ def test_16bit_matches_fp32(backend, case, dtype, nan_fill):
         pytest.skip("bf16 dot is wrong in the Triton interpreter; bf16 triton runs on the GPU only")
     B, T, H, D, b, causal, kind = case
     mask = make_mask(kind, B, T, b)
-    dev = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
 
     def op(q, k, v):
-        m = mask.to(dev) if mask is not None else None
-        return OP(q.to(dev), k.to(dev), v.to(dev), b, causal=causal, key_padding_mask=m, backend=backend).cpu()
+        return OP(q, k, v, b, causal=causal, key_padding_mask=mask, backend=backend)
 
     check_16bit_against_fp32(op, masters(B, T, H, D), dtype, "qkv")
 

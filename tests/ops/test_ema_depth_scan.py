@@ -7,10 +7,10 @@ import torch
 
 import hilt_kernels
 from tests import naive
-from tests.conftest import HAS_CUDA, TOLERANCES, assert_close
+from tests.conftest import TOLERANCES, assert_close, on_test_device
 from tests.ops.common import check_16bit_against_fp32, check_against_naive, leaf
 
-OP = hilt_kernels.ema_depth_scan
+OP = on_test_device(hilt_kernels.ema_depth_scan)
 
 # (values shape (L, *S), alpha per channel, init shape or None, return_all)
 CASES = [
@@ -36,15 +36,8 @@ def masters(shape, per_channel, init_shape, seed=0, scale=1.0):
     return xs
 
 
-def _op(backend, return_all, alpha_dtype=None):
-    dev = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
-
-    def op(values, alpha, init=None):
-        a = alpha.to(dev) if alpha_dtype is None else alpha.to(dev, alpha_dtype)
-        i = init.to(dev) if init is not None else None
-        return OP(values.to(dev), a, init=i, return_all=return_all, backend=backend).cpu()
-
-    return op
+def _op(backend, return_all):
+    return lambda values, alpha, init=None: OP(values, alpha, init=init, return_all=return_all, backend=backend)
 
 
 def _names(init_shape):

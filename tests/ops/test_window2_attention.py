@@ -7,10 +7,10 @@ import torch
 
 import hilt_kernels
 from tests import naive
-from tests.conftest import HAS_CUDA, TOLERANCES, assert_close
+from tests.conftest import TOLERANCES, assert_close, on_test_device
 from tests.ops.common import check_16bit_against_fp32, check_against_naive, leaf
 
-OP = hilt_kernels.window2_attention
+OP = on_test_device(hilt_kernels.window2_attention)
 
 # (B, T, H, D, causal)
 CASES = [
@@ -29,8 +29,7 @@ def masters(B, T, H, D, seed=0):
 
 
 def _op(backend, causal):
-    dev = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
-    return lambda q, k, v: OP(q.to(dev), k.to(dev), v.to(dev), causal=causal, backend=backend).cpu()
+    return lambda q, k, v: OP(q, k, v, causal=causal, backend=backend)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
