@@ -1,0 +1,17 @@
+"""Models built from :mod:`hilt.nn` modules: GPT, HILT, BlockHierarchicalLM.
+
+Every model: ``Model(config)`` / ``Model.from_config(config)``, ``num_parameters()``,
+``forward(ids, targets=None, key_padding_mask=None) -> ModelOutput``.
+"""
+from .block_hierarchical import BlockHierarchicalLM
+from .config import POS_ENCODINGS, BlockHierarchicalLMConfig, GPTConfig, HILTConfig, ModelConfig
+from .gpt import GPT
+from .hilt import HILT
+from .lformer import LFormer, LFormerConfig, LFormerOutput
+from .output import ModelOutput, classification_loss, lm_loss
+
+__all__ = [
+    "ModelOutput", "lm_loss", "classification_loss", "ModelConfig", "GPTConfig", "HILTConfig",
+    "BlockHierarchicalLMConfig", "POS_ENCODINGS", "GPT", "HILT", "BlockHierarchicalLM",
+    "LFormer", "LFormerConfig", "LFormerOutput",
+]

@@ -1,0 +1,188 @@
+"""Self-attention modules: full (SDPA), block-local and length-2 window attention."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hilt.functional import block_local_attention, window2_attention
+
+from .positional import RotaryEmbedding
+
+__all__ = ["CausalSelfAttention", "BlockLocalAttention", "Window2Attention"]
+
+
+def _check_heads(d_model: int, n_heads: int) -> int:
+    if d_model < 1 or n_heads < 1:
+        raise ValueError(f"d_model and n_heads must be >= 1, got d_model={d_model}, n_heads={n_heads}")
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    return d_model // n_heads
+
+
+def _check_dropout(p: float) -> float:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    return float(p)
+
+
+def _check_kpm(key_padding_mask: Optional[Tensor], B: int, T: int) -> Optional[Tensor]:
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.shape != (B, T):
+        raise ValueError(f"key_padding_mask must have shape {(B, T)}, got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}")
+    return key_padding_mask
+
+
+class _QKVAttention(nn.Module):
+    """Shared parts: fused qkv Linear (d -> 3d, rows ordered q|k|v, head-major inside each,
+    the same layout as nn.MultiheadAttention's in_proj), out projection, optional RoPE."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool, rope: bool,
+                 rope_base: float, factory: dict) -> None:
+        super().__init__()
+        self.head_dim = _check_heads(d_model, n_heads)
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.dropout = _check_dropout(dropout)
+        self.bias = bias
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias, **factory)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base, device=factory.get("device")) if rope else None
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        self.out_proj.reset_parameters()
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, C) -> q, k, v as (B, T, H, D) strided views of one projection (no copies)."""
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        return q, k, v
+
+
+class CausalSelfAttention(_QKVAttention):
+    """Full multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    (B, T, C) -> (B, T, C). ``causal=False`` gives bidirectional attention.
+    ``key_padding_mask``: (B, T) bool, True = padding (ignored as a key). A query with no
+    valid key outputs zeros (before the out projection). ``dropout`` applies to the attention
+    probabilities (training only) and to the output. Optional RoPE on q and k.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
+                 causal: bool = True, rope: bool = False, rope_base: float = 10000.0,
+                 device=None, dtype=None) -> None:
+        super().__init__(d_model, n_heads, dropout, bias, rope, rope_base,
+                         {"device": device, "dtype": dtype})
+        self.causal = causal
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        B, T, C = x.shape
+        kpm = _check_kpm(key_padding_mask, B, T)
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))  # (B, H, T, D)
+        p = self.dropout if self.training else 0.0
+        if kpm is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+        else:
+            allowed = ~kpm[:, None, None, :]  # (B, 1, 1, T)
+            if self.causal:
+                allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            else:
+                allowed = allowed.expand(B, 1, T, T)
+            has_key = allowed.any(-1, keepdim=True)  # (B, 1, T, 1)
+            # rows without any valid key would be NaN: let them attend everywhere, then zero them
+            safe = allowed | ~has_key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=p)
+            y = y * has_key.to(y.dtype)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, "
+                f"dropout={self.dropout}, bias={self.bias}, rope={self.rotary is not None}")
+
+
+class BlockLocalAttention(_QKVAttention):
+    """Multi-head attention restricted to non-overlapping blocks of ``block_size`` tokens.
+
+    (B, T, C) -> (B, T, C). Token t attends to tokens s of its own block (s <= t if causal).
+    The fused qkv projection's output is viewed as (B, T, 3, H, D) and q, k, v are passed to
+    :func:`hilt.functional.block_local_attention` as strided views (no transposes).
+    ``key_padding_mask`` (B, T) bool, True = padding. ``dropout`` applies to the output.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, block_size: int, causal: bool = True,
+                 dropout: float = 0.0, bias: bool = True, rope: bool = False,
+                 rope_base: float = 10000.0, backend: Optional[str] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(d_model, n_heads, dropout, bias, rope, rope_base,
+                         {"device": device, "dtype": dtype})
+        if int(block_size) < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = int(block_size)
+        self.causal = causal
+        self.backend = backend
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        B, T, C = x.shape
+        kpm = _check_kpm(key_padding_mask, B, T)
+        q, k, v = self._qkv(x)
+        y = block_local_attention(q, k, v, self.block_size, causal=self.causal,
+                                  key_padding_mask=kpm, backend=self.backend)
+        return self.resid_dropout(self.out_proj(y.reshape(B, T, C)))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, block_size={self.block_size}, "
+                f"causal={self.causal}, dropout={self.dropout}, bias={self.bias}, "
+                f"rope={self.rotary is not None}, backend={self.backend!r}")
+
+
+class Window2Attention(nn.Module):
+    """Attention over a length-2 window of layer states, independently per token.
+
+    (B, 2, T, C) -> (B, 2, T, C); index 0 on dim 1 = previous layer, 1 = current layer.
+    The qkv projection's output is viewed as (B, 2, T, 3, H, D) and q, k, v are passed to
+    :func:`hilt.functional.window2_attention` as strided views. Causal over the window axis:
+    element 0 sees itself, element 1 sees both. ``dropout`` applies to the output.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True, dropout: float = 0.0,
+                 bias: bool = True, backend: Optional[str] = None, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.head_dim = _check_heads(d_model, n_heads)
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.causal = causal
+        self.dropout = _check_dropout(dropout)
+        self.bias = bias
+        self.backend = backend
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias, **factory)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        self.out_proj.reset_parameters()
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 2:
+            raise ValueError(f"Window2Attention expects (B, 2, T, C), got {tuple(x.shape)}")
+        B, W, T, C = x.shape
+        qkv = self.qkv(x).view(B, W, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.unbind(3)
+        y = window2_attention(q, k, v, causal=self.causal, backend=self.backend)
+        return self.resid_dropout(self.out_proj(y.reshape(B, W, T, C)))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, "
+                f"dropout={self.dropout}, bias={self.bias}, backend={self.backend!r}")
