@@ -4,4 +4,13 @@ from hilt_kernels import __version__
 
 from . import functional
 
-__all__ = ["functional", "__version__"]
+__all__ = ["functional", "load", "__version__"]
+
+
+def load(path, device="cpu", **kwargs):
+    """The model saved in a checkpoint folder (``hilt train`` writes ``<run>/checkpoint``), in eval mode.
+    See :func:`hilt.checkpoint.load`."""
+    from .checkpoint import load as _load
+
+    return _load(path, device=device, **kwargs)
+

@@ -1,0 +1,140 @@
+"""The ``hilt`` command: ``hilt train | eval | generate | info``. ``hilt <command> --help`` explains each."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+__all__ = ["main", "eval_main", "generate_main"]
+
+
+def _device(arg: Optional[str], threads: Optional[int] = None) -> str:
+    import torch
+
+    from .train import Dist, cpu_threads
+
+    if arg in (None, "auto"):
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if arg == "cpu":
+        torch.set_num_threads(cpu_threads(threads, Dist()))
+    return arg
+
+
+def build_eval_parser(prog: str = "hilt eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Validation loss and bits per byte of a checkpoint.")
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint folder (e.g. runs/<run>/checkpoint)")
+    p.add_argument("--data", metavar="FILE|DIR",
+                   help="text to evaluate on: its val split (default: the data the checkpoint was trained on, "
+                        "or the standard library corpus)")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="which split (default: val)")
+    p.add_argument("--eval-iters", type=int, metavar="N",
+                   help="N batches of random windows (fixed seed) instead of the whole split in "
+                        "non-overlapping windows (the default)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default: 16)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="autocast dtype (default: float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random windows with --eval-iters (default: 0)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all usable cores)")
+    p.add_argument("--no-cache", action="store_true", help="do not use the token cache")
+    return p
+
+
+def eval_main(argv: Optional[list[str]] = None, prog: str = "hilt eval") -> int:
+    args = build_eval_parser(prog).parse_args(argv)
+    from .checkpoint import CheckpointError, load, read_state
+    from .data import CorpusError, load_corpus
+    from .train import DTYPES, evaluate
+
+    try:
+        state = read_state(args.ckpt)
+        data = args.data
+        if data is None:
+            data = (state.get("train_config") or {}).get("data")
+        model = load(args.ckpt, device=_device(args.device, args.threads))
+        corpus = load_corpus(data, use_cache=not args.no_cache)
+    except (CheckpointError, CorpusError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    split = corpus.val if args.split == "val" else corpus.train
+    device = next(model.parameters()).device
+    loss, bpb = evaluate(model, split, args.batch_size, model.config.max_seq_len, args.eval_iters, device=device,
+                         dtype=DTYPES[args.dtype], seed=args.seed, progress=sys.stderr.isatty())
+    print(f"checkpoint: {args.ckpt} ({state['model_type']}, step {state['step']})")
+    print(f"data: {corpus.describe()}")
+    print(f"{args.split} loss {loss:.4f}  bits/byte {bpb:.4f}  "
+          f"({'whole split' if args.eval_iters is None else f'{args.eval_iters} batches'}, "
+          f"{len(split):,} bytes)")
+    return 0
+
+
+def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Continue a prompt with a trained checkpoint (byte-level).")
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint folder (e.g. runs/<run>/checkpoint)")
+    p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes (default: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same text (default: 0)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all usable cores)")
+    return p
+
+
+def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate") -> int:
+    args = build_generate_parser(prog).parse_args(argv)
+    from .checkpoint import CheckpointError, load
+    from .data import decode, encode
+    from .generate import generate
+
+    try:
+        model = load(args.ckpt, device=_device(args.device, args.threads))
+        prompt = encode(args.prompt)
+        if not prompt:
+            raise ValueError("--prompt must not be empty")
+        ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed)
+    except (CheckpointError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(args.prompt + decode(ids[len(prompt):].tolist()) + "\n")
+    return 0
+
+
+COMMANDS = {
+    "train": "train a model (default: a small HILT on the Python standard library)",
+    "eval": "validation loss and bits/byte of a checkpoint",
+    "generate": "continue a prompt with a checkpoint",
+    "info": "versions, devices and kernel backends available here",
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="hilt", description="hilt: hierarchical and inter-layer transformers.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="commands:\n" + "\n".join(f"  {k:<10} {v}" for k, v in COMMANDS.items())
+                                + "\n\n'hilt <command> --help' explains each command's options.")
+    p.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of: " + ", ".join(COMMANDS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
+    if not argv or argv[0] in ("-h", "--help"):
+        p.print_help()
+        return 0 if argv else 2
+    ns = p.parse_args(argv[:1])
+    rest = argv[1:]
+    if ns.command == "train":
+        from .train import main as train_main
+
+        return train_main(rest, prog="hilt train")
+    if ns.command == "eval":
+        return eval_main(rest)
+    if ns.command == "generate":
+        return generate_main(rest)
+    from .info import main as info_main
+
+    return info_main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,877 @@
+"""Training: ``hilt train`` / ``python -m hilt.train`` / ``torchrun --nproc_per_node=N -m hilt.train``.
+
+One readable loop, top to bottom (nanoGPT style):
+
+1. processes and device: DDP when launched by torchrun (gloo on CPU, nccl on GPU, from the env vars)
+2. data: byte-level corpus (the stdlib by default, ``--data`` otherwise) and a seeded batch sampler
+   (each rank takes its shard of the same global batch)
+3. model: any registered type (``--model gpt|hilt|block|...``), built from size flags or ``--config``
+4. optimizer: AdamW, weight decay on matrices only; warmup + cosine LR; GradScaler for fp16
+5. resume (``--resume``): weights, optimizer, scheduler, scaler, RNG and sampler states: exact on CPU
+6. the loop: gradient accumulation under autocast, clipping, a NaN/inf guard decided the same way on
+   every rank, the HILT modulation-scale schedule, periodic eval (loss, bits/byte) and checkpoints
+7. the end: final eval and checkpoint, loss-curve PNG, a generated sample, and where everything went
+
+``--batch-size`` is the global batch per micro-step (all ranks together), so a run's numbers do not
+depend on the number of processes; one optimizer step sees ``batch_size * grad_accum * max_seq_len`` tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import (CheckpointError, build_model, get_model_spec, load_checkpoint, model_types,
+                         read_state, rng_state, save_checkpoint, set_rng_state, unwrap_model)
+from .data import BatchSampler, load_corpus, eval_batches
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "evaluate", "lr_at", "ilt_scale_at",
+           "WarmupCosine", "configure_optimizer", "enable_grad_checkpointing", "build_parser",
+           "config_from_args", "main", "MODEL_FLAGS"]
+
+LN2 = math.log(2.0)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated non-finite losses, bad options); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------- config
+
+# Model-shape flags: CLI flag -> config field (applied when the chosen model's config has the field).
+MODEL_FLAGS = {
+    "d_model": int, "n_layers": int, "n_heads": int, "d_ff": int, "max_seq_len": int, "block_size": int,
+    "dropout": float, "pos_encoding": str, "ilt_dim": int, "ilt_heads": int, "ilt_layers": int,
+    "ilt_dropout": float, "n_local_layers": int, "n_global_layers": int, "n_decoder_layers": int,
+    "d_side": int, "tap_every": int,
+}
+
+# The small default run's model settings, on top of each config's own defaults (where the field exists).
+DEFAULT_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 256, "dropout": 0.0,
+                 "ilt_dim": 64}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in every checkpoint (``state.json``) and as ``train_config.json``."""
+
+    model: str = "hilt"
+    model_config: dict = field(default_factory=dict)  # config fields set on top of DEFAULT_MODEL
+    data: Optional[str] = None       # None: the embedded stdlib corpus
+    out: Optional[str] = None        # None: runs/<model>-<YYYYmmdd-HHMMSS>
+    device: str = "auto"
+    dtype: str = "auto"              # autocast dtype: auto|float32|bfloat16|float16
+    backend: Optional[str] = None    # op backend for the model's layers (None: automatic)
+    threads: Optional[int] = None    # CPU intra-op threads; None: usable cores / local processes
+    seed: int = 1337
+    batch_size: int = 16             # global sequences per micro-step
+    grad_accum: int = 1
+    max_steps: int = 200
+    warmup: int = 20
+    lr: float = 2e-3
+    min_lr: Optional[float] = None   # None: lr / 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0           # 0: no clipping
+    eval_every: int = 50
+    eval_iters: int = 10
+    ckpt_every: int = 50            # 0: only at the end
+    ilt_scale_start: float = 0.01
+    ilt_scale_end: float = 0.1
+    compile: bool = False
+    grad_checkpoint: bool = False
+    max_bad_steps: int = 5           # consecutive non-finite steps before stopping
+    sample_tokens: int = 256
+    sample_temperature: float = 0.8
+    sample_top_p: float = 0.95
+    progress: bool = True
+    tensorboard: bool = True         # when installed
+    plot: bool = True
+    cache_dir: Optional[str] = None
+    use_cache: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "ckpt_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        get_model_spec(self.model)
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def model_config_for(cfg: TrainConfig):
+    """The model config object: the type's defaults, then DEFAULT_MODEL (where it applies), then
+    ``cfg.model_config`` (every key must be a field of that config)."""
+    spec = get_model_spec(cfg.model)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    values = {k: v for k, v in DEFAULT_MODEL.items() if k in fields}
+    user = {k: v for k, v in cfg.model_config.items() if k != "model_type"}
+    wrong = sorted(set(user) - fields)
+    if wrong:
+        raise ValueError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to --model "
+                         f"{spec.name} ({spec.config_class.__name__} has no such field)")
+    values.update(user)
+    return spec.config_class.from_dict(values)
+
+
+# --------------------------------------------------------------------------------------- schedules
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup to ``lr`` over ``warmup`` steps, then a
+    cosine decay to ``min_lr`` at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    decay_steps = max_steps - warmup
+    if decay_steps <= 1:
+        return lr
+    progress = min(1.0, (step - warmup) / (decay_steps - 1))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def ilt_scale_at(step: int, start: float, end: float, max_steps: int) -> float:
+    """HILT modulation scale: linear from ``start`` at step 0 to ``end`` at the last step."""
+    if max_steps <= 1:
+        return end
+    return start + (end - start) * min(1.0, step / (max_steps - 1))
+
+
+class WarmupCosine:
+    """Sets the optimizer's LR from :func:`lr_at`; its state (the step) goes into ``optimizer.pt``."""
+
+    def __init__(self, optimizer, lr: float, min_lr: float, warmup: int, max_steps: int) -> None:
+        self.optimizer, self.lr, self.min_lr, self.warmup, self.max_steps = optimizer, lr, min_lr, warmup, max_steps
+        self.last_step = -1
+
+    def set(self, step: int) -> float:
+        lr = lr_at(step, self.lr, self.min_lr, self.warmup, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.last_step = step
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "lr": self.lr, "min_lr": self.min_lr, "warmup": self.warmup,
+                "max_steps": self.max_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["last_step"])
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2: linear weights, embeddings) only; biases, norms,
+    learned vectors get none. Tied weights appear once."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # unique parameters
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kwargs)
+
+
+def enable_grad_checkpointing(model: nn.Module) -> int:
+    """Activation checkpointing: recompute each transformer layer / ILT in the backward instead of
+    storing its activations. Uses the model's own ``set_grad_checkpointing`` when it has one. Returns
+    how many modules were wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+        return -1
+    from hilt.nn import InterLayerTransformer, TransformerLayer
+
+    wrapped: list[str] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (TransformerLayer, InterLayerTransformer)):
+            continue
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+
+        def forward(*args, _orig=m.forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+            return _orig(*args, **kwargs)
+
+        m.forward = forward
+        wrapped.append(name)
+    return len(wrapped)
+
+
+# -------------------------------------------------------------------------------------- processes
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    enabled: bool = False
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str) -> Dist:
+    """DDP from the torchrun env vars (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda") or device_arg.startswith("cuda")
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=_dt.timedelta(minutes=30))
+    return Dist(rank, local, world, True)
+
+
+def resolve_device(arg: str, d: Dist) -> torch.device:
+    if arg == "auto":
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(arg)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"--device {arg}: CUDA is not available here")
+        if dev.index is None:
+            dev = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
+    return dev
+
+
+def cpu_threads(requested: Optional[int], d: Dist) -> int:
+    """CPU threads per process: ``requested``, else the usable cores split between the local
+    processes (at least 1). Fixed from the machine, not from its current load, so a run is
+    reproducible; on a busy shared machine pass ``--threads 1``."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size if d.enabled else 1))
+    return max(1, cores // max(1, local))
+
+
+def resolve_dtype(arg: str, device: torch.device) -> torch.dtype:
+    dt = DTYPES[arg]
+    if dt is None:  # auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU (small matmuls are slower in bf16 there)
+        if device.type == "cuda":
+            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dt = torch.float32
+    return dt
+
+
+def _all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: np.ndarray, batch_size: int, seq_len: int, iters: Optional[int], *,
+             device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0, d: Dist = Dist(),
+             progress: bool = False) -> tuple[float, float]:
+    """(mean token loss, bits per byte) on ``data``: ``iters`` fixed random batches (the same every
+    call), or the whole split in non-overlapping windows when ``iters`` is None. Ranks split the work."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = eval_batches(data, batch_size, seq_len, iters, seed=seed, rank=d.rank, world_size=d.world_size,
+                           device=device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        n = iters if iters is not None else -(-max(len(data) - 1, 1) // (min(seq_len + 1, len(data)) - 1) // batch_size)
+        batches = tqdm(batches, total=n, desc="eval", dynamic_ncols=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    for ids, targets in batches:
+        if ids.numel() == 0:
+            continue
+        with autocast:
+            loss = model(ids, targets).loss
+        total[0] += loss.double() * targets.numel()
+        total[1] += targets.numel()
+    _all_reduce(total, d)
+    model.train(was_training)
+    loss = (total[0] / total[1].clamp_min(1)).item()
+    return loss, loss / LN2
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+@dataclass
+class TrainResult:
+    out_dir: Optional[Path]
+    history: list = field(default_factory=list)   # one dict per step (the CSV rows)
+    val_loss: Optional[float] = None
+    val_bpb: Optional[float] = None
+    step: int = 0
+    skipped_steps: int = 0
+    model: Optional[nn.Module] = None
+    paths: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+CSV_FIELDS = ["step", "lr", "loss", "val_loss", "val_bpb", "tokens_per_s", "ilt_scale", "grad_norm", "skipped"]
+
+
+def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
+    if cfg.out is not None:
+        out = Path(cfg.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = [f"{get_model_spec(cfg.model).name}-{stamp}"]
+        if d.enabled:
+            dist.broadcast_object_list(name, src=0)
+        out = Path("runs") / name[0]
+        if d.master:
+            n = 2
+            while out.exists():
+                out = Path("runs") / f"{name[0]}-{n}"
+                n += 1
+        if d.enabled:
+            box = [str(out)]
+            dist.broadcast_object_list(box, src=0)
+            out = Path(box[0])
+    return out
+
+
+def _prepare_csv(path: Path, start_step: int) -> None:
+    """Keep the rows up to ``start_step`` (a resumed run rewrites the steps after its checkpoint)."""
+    rows = []
+    if path.exists() and start_step > 0:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+
+
+def _plot(csv_path: Path, png_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    steps, loss, vsteps, vloss = [], [], [], []
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["loss"] not in ("", "nan", "inf"):
+                steps.append(int(r["step"]))
+                loss.append(float(r["loss"]) / LN2)
+            if r["val_loss"]:
+                vsteps.append(int(r["step"]))
+                vloss.append(float(r["val_loss"]) / LN2)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(steps, loss, lw=1, alpha=0.8, label="train")
+    if vsteps:
+        ax.plot(vsteps, vloss, "o-", lw=1.5, label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def _sample_prompt(val: np.ndarray, n: int = 64) -> list[int]:
+    """A prompt from the val text: the ``n`` bytes starting at its first top-level ``def``/``class``."""
+    head = bytes(np.asarray(val[: min(len(val), 200_000)]))
+    for marker in (b"\ndef ", b"\nclass ", b"\n"):
+        i = head.find(marker)
+        if i >= 0 and i + 1 + n <= len(head):
+            return list(head[i + 1:i + 1 + n])
+    return list(head[:n])
+
+
+def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optional[int] = None,
+          explicit: Optional[set] = None, log=print) -> TrainResult:
+    """Run (or resume) a training run. ``stop_at_step``: stop after that many steps as if interrupted
+    (the schedules still run to ``max_steps``; resume it later). ``explicit``: the options given on the
+    command line, which override a resumed checkpoint's saved options."""
+    t_start = time.perf_counter()
+
+    # -- 1. processes and device --------------------------------------------------------------------
+    d = setup_distributed(cfg.device)
+    state = None
+    if resume is not None:
+        state = read_state(resume)
+        saved = state.get("train_config")
+        if not saved:
+            raise CheckpointError(f"{Path(resume) / 'state.json'}: no training config; it cannot be resumed")
+        given = explicit if explicit is not None else set()
+        if given & {"model", "model_config"}:
+            raise TrainingError("--resume: the model comes from the checkpoint; drop --model, --config's model "
+                                "settings and the size flags")
+        merged = dict(saved)
+        merged.update({k: v for k, v in asdict(cfg).items() if k in given})
+        if "out" not in given:
+            merged["out"] = str(Path(resume).resolve().parent)
+        cfg = TrainConfig.from_dict(merged)
+    cfg.validate()
+    device = resolve_device(cfg.device, d)
+    dtype = resolve_dtype(cfg.dtype, device)
+    log = log if d.master else (lambda *a, **k: None)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.threads, d))
+
+    # -- 2. data ------------------------------------------------------------------------------------
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if d.enabled and not d.master:
+        dist.barrier()  # rank 0 builds the token cache first
+    corpus = load_corpus(cfg.data, use_cache=cfg.use_cache, cache=cfg.cache_dir)
+    if d.enabled and d.master:
+        dist.barrier()
+
+    # -- 3. model -----------------------------------------------------------------------------------
+    spec = get_model_spec(state["model_type"] if state else cfg.model)
+    if state:
+        model_cfg = spec.config_class.from_dict(dict(state["config"], model_type=spec.config_class.model_type))
+    else:
+        model_cfg = model_config_for(cfg)
+    kwargs = {"backend": cfg.backend} if cfg.backend else {}
+    raw = build_model(spec.name, model_cfg, **kwargs).to(device)
+    seq_len = model_cfg.max_seq_len
+    if getattr(model_cfg, "vocab_size", 256) < 256:
+        raise TrainingError(f"byte-level data needs vocab_size >= 256, got {model_cfg.vocab_size}")
+    if cfg.grad_checkpoint:
+        enable_grad_checkpointing(raw)
+    has_ilt_scale = hasattr(raw, "set_ilt_scale") and getattr(raw, "ilts", None) is not None
+    sampler = BatchSampler(corpus.train, cfg.batch_size, seq_len, seed=cfg.seed, rank=d.rank,
+                           world_size=d.world_size, device=device)
+
+    # -- 4. optimizer, schedule, grad scaler --------------------------------------------------------
+    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+    optimizer = configure_optimizer(raw, cfg, device)
+    schedule = WarmupCosine(optimizer, cfg.lr, min_lr, cfg.warmup, cfg.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # -- 5. resume ----------------------------------------------------------------------------------
+    start_step, skipped_total = 0, 0
+    torch.manual_seed(cfg.seed + d.rank)  # dropout differs between ranks
+    if state:
+        state = load_checkpoint(resume, raw, optimizer=optimizer, scheduler=schedule, scaler=scaler,
+                                map_location=device, restore_rng=True)
+        ranks = state.get("rng_ranks")
+        if ranks and len(ranks) == d.world_size:
+            set_rng_state(ranks[d.rank])
+        if state.get("sampler"):
+            sampler.load_state_dict(state["sampler"])
+        start_step = int(state["step"])
+        skipped_total = int(state.get("metrics", {}).get("skipped_steps", 0))
+
+    model: nn.Module = raw
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=spec.find_unused_parameters)
+    eval_model = unwrap_model(model) if not cfg.compile else model.module if d.enabled else model
+
+    # -- output folder and logs ---------------------------------------------------------------------
+    out = _new_run_dir(cfg, d)
+    paths = {"run": out, "checkpoint": out / "checkpoint", "csv": out / "metrics.csv", "plot": out / "loss.png",
+             "sample": out / "sample.txt", "config": out / "train_config.json", "corpus": out / "corpus.json"}
+    writer = None
+    if d.master:
+        out.mkdir(parents=True, exist_ok=True)
+        paths["config"].write_text(json.dumps(dict(cfg.to_dict(), model_config=model_cfg.to_dict()), indent=2) + "\n")
+        paths["corpus"].write_text(json.dumps(corpus.info, indent=2, default=str) + "\n")
+        _prepare_csv(paths["csv"], start_step)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(out / "tb"))
+                paths["tensorboard"] = out / "tb"
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                writer = None
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
+    log(f"hilt train: {spec.name} ({raw.num_parameters() if hasattr(raw, 'num_parameters') else sum(p.numel() for p in raw.parameters()):,} parameters), "
+        f"device {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+        + f", autocast {str(dtype).replace('torch.', '')}, {d.world_size} process(es)")
+    log(f"corpus: {corpus.describe()}")
+    log(f"steps {start_step} -> {cfg.max_steps}, {tokens_per_step:,} tokens/step "
+        f"(batch {cfg.batch_size} x accum {cfg.grad_accum} x seq {seq_len}), lr {cfg.lr:g} -> {min_lr:g}, "
+        f"warmup {cfg.warmup}" + (f", resumed from {resume}" if resume else ""))
+
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    pbar = None
+    if d.master and cfg.progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def save(step_done: int, metrics: dict) -> None:
+        rng_ranks = None
+        if d.enabled:
+            rng_ranks = [None] * d.world_size
+            dist.all_gather_object(rng_ranks, rng_state())
+        if d.master:
+            save_checkpoint(paths["checkpoint"], raw, optimizer=optimizer, scheduler=schedule, scaler=scaler,
+                            step=step_done, sampler_state=sampler.state_dict(), train_config=cfg.to_dict(),
+                            metrics=dict(metrics, skipped_steps=skipped_total),
+                            extra={"rng_ranks": rng_ranks} if rng_ranks else None)
+        if d.enabled:
+            dist.barrier()
+
+    def run_eval() -> tuple[float, float]:
+        return evaluate(eval_model, corpus.val, cfg.batch_size, seq_len, cfg.eval_iters, device=device,
+                        dtype=dtype, seed=cfg.seed + 1, d=d)
+
+    # -- 6. the loop --------------------------------------------------------------------------------
+    history: list[dict] = []
+    consecutive_bad = 0
+    val_loss = val_bpb = None
+    last_step = min(cfg.max_steps, stop_at_step) if stop_at_step is not None else cfg.max_steps
+    step = start_step
+    model.train()
+    try:
+        for step in range(start_step, last_step):
+            t0 = time.perf_counter()
+            lr = schedule.set(step)
+            ilt_scale = None
+            if has_ilt_scale:
+                ilt_scale = ilt_scale_at(step, cfg.ilt_scale_start, cfg.ilt_scale_end, cfg.max_steps)
+                raw.set_ilt_scale(ilt_scale)
+
+            # forward/backward over the micro-batches; DDP syncs gradients on the last one only
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                ids, targets = sampler.next_batch()
+                sync = not d.enabled or micro == cfg.grad_accum - 1
+                with (nullcontext() if sync else model.no_sync()):
+                    with autocast:
+                        loss = model(ids, targets).loss / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+
+            # NaN/inf guard: every rank sees the same all-reduced numbers, so every rank decides the same
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            else:
+                grads = [p.grad.detach().norm() for p in raw.parameters() if p.grad is not None]
+                grad_norm = torch.stack(grads).norm() if grads else torch.zeros((), device=device)
+            stats = torch.stack([torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
+                                 (~torch.isfinite(loss_sum)).float(),
+                                 (~torch.isfinite(grad_norm.float())).float()]).double()
+            _all_reduce(stats, d)
+            bad = stats[1].item() > 0 or (stats[2].item() > 0 and not scaler.is_enabled())
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                if scaler.is_enabled():
+                    scaler.update()  # the unscale above recorded the inf: the scale goes down
+                skipped_total += 1
+                consecutive_bad += 1
+                loss_value = float("nan")
+                if consecutive_bad >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"stopping at step {step + 1}: {consecutive_bad} consecutive steps had a non-finite "
+                        f"loss or gradient (NaN/inf), {skipped_total} skipped in all. Lower --lr, use "
+                        f"--dtype bfloat16 or float32, raise --warmup, or check the data; resume from the last "
+                        f"checkpoint with --resume {paths['checkpoint']}")
+                log_msg = f"step {step + 1}: non-finite loss or gradient, step skipped ({consecutive_bad} in a row)"
+                if pbar is not None:
+                    pbar.write(log_msg)
+                else:
+                    log(log_msg)
+            else:
+                consecutive_bad = 0
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = stats[0].item() / d.world_size
+            dt = time.perf_counter() - t0
+            tok_s = tokens_per_step / dt if dt > 0 else float("nan")
+
+            # eval and checkpoints
+            step_done = step + 1
+            row = {"step": step_done, "lr": lr, "loss": loss_value, "val_loss": "", "val_bpb": "",
+                   "tokens_per_s": tok_s, "ilt_scale": ilt_scale if ilt_scale is not None else "",
+                   "grad_norm": grad_norm.item(), "skipped": int(bad)}
+            is_last = step_done == cfg.max_steps
+            if (cfg.eval_every and step_done % cfg.eval_every == 0) or is_last:
+                val_loss, val_bpb = run_eval()
+                row["val_loss"], row["val_bpb"] = val_loss, val_bpb
+                if pbar is not None:
+                    pbar.write(f"step {step_done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
+                               f"val bits/byte {val_bpb:.4f}")
+            history.append(row)
+            if d.master:
+                with open(paths["csv"], "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(row)
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss_value, step_done)
+                    writer.add_scalar("train/lr", lr, step_done)
+                    writer.add_scalar("train/tokens_per_s", tok_s, step_done)
+                    if ilt_scale is not None:
+                        writer.add_scalar("train/ilt_scale", ilt_scale, step_done)
+                    if row["val_loss"] != "":
+                        writer.add_scalar("val/loss", val_loss, step_done)
+                        writer.add_scalar("val/bits_per_byte", val_bpb, step_done)
+            if (cfg.ckpt_every and step_done % cfg.ckpt_every == 0) or is_last or step_done == last_step:
+                save(step_done, {"val_loss": val_loss, "val_bpb": val_bpb, "train_loss": loss_value})
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{loss_value / LN2:.3f}", tok_s=f"{tok_s:,.0f}")
+        step_done = max(start_step, last_step)
+
+        # -- 7. the end: plot, sample, where everything went ------------------------------------
+        if pbar is not None:
+            pbar.close()
+            pbar = None
+        result = TrainResult(out, history, val_loss, val_bpb, step_done, skipped_total, raw, paths,
+                             time.perf_counter() - t_start)
+        if d.master and step_done == cfg.max_steps:
+            if cfg.plot:
+                try:
+                    _plot(paths["csv"], paths["plot"], f"{spec.name} on {Path(cfg.data).name if cfg.data else 'stdlib'}")
+                except Exception as e:  # noqa: BLE001 - a plot is never worth failing a run
+                    warnings.warn(f"hilt: could not draw the loss plot: {e}")
+                    paths.pop("plot")
+            else:
+                paths.pop("plot")
+            if cfg.sample_tokens > 0:
+                from .data import decode
+                from .generate import generate
+
+                prompt = _sample_prompt(corpus.val, min(64, raw.config.max_seq_len))
+                ids = generate(raw, prompt, cfg.sample_tokens, temperature=cfg.sample_temperature,
+                               top_p=cfg.sample_top_p, seed=cfg.seed)
+                text = decode(ids[len(prompt):].tolist())
+                paths["sample"].write_text(f"--- prompt ({len(prompt)} bytes of the val text) ---\n"
+                                           f"{decode(prompt)}\n--- continuation ({cfg.sample_tokens} bytes, "
+                                           f"temperature {cfg.sample_temperature}, top-p {cfg.sample_top_p}) ---\n"
+                                           f"{text}\n")
+                log("sample:\n" + decode(prompt) + "\u2502" + text)
+            else:
+                paths.pop("sample")
+        else:
+            for k in ("plot", "sample"):
+                paths.pop(k, None)
+        if d.master:
+            if val_bpb is not None:
+                log(f"final: step {step_done}, val loss {val_loss:.4f}, val bits/byte {val_bpb:.4f}"
+                    + (f", {skipped_total} step(s) skipped" if skipped_total else ""))
+            log(f"wrote {out}/ in {result.seconds:.0f} s:")
+            for key, p in paths.items():
+                if key != "run" and Path(p).exists():
+                    log(f"  {key:<12} {p}")
+            if "tensorboard" not in paths and cfg.tensorboard:
+                log("  (TensorBoard logs: not written, tensorboard is not installed)")
+        return result
+    finally:
+        if pbar is not None:
+            pbar.close()
+        if writer is not None:
+            writer.close()
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "hilt train") -> argparse.ArgumentParser:
+    """The ``hilt train`` parser. Every option defaults to None (unset) so explicit ones can be told apart."""
+    D = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a byte-level language model. With no arguments: a small HILT (d_model 128, 4 layers, "
+                    f"4 heads, context 256, batch 16) for {D.max_steps} steps on the Python standard library "
+                    "(CUDA when available), written to runs/<model>-<YYYYmmdd-HHMMSS>/: metrics.csv, checkpoint/, "
+                    "loss.png, sample.txt.",
+        epilog="Several processes: torchrun --nproc_per_node=N -m hilt.train [options] (DDP; gloo on CPU, nccl "
+               "on GPU). --batch-size is the global batch, split between the processes.")
+    g = p.add_argument_group("run")
+    g.add_argument("--model", choices=model_types(), help=f"model type (default: {D.model})")
+    g.add_argument("--config", metavar="FILE.json",
+                   help="options from a JSON file: training options (TrainConfig names, with an optional "
+                        "'model_config' object), or a model config (e.g. a checkpoint's config.json, with "
+                        "'model_type'). Flags given on the command line win.")
+    g.add_argument("--data", metavar="FILE|DIR", help="your own text: a file, or a folder of text files "
+                                                      "(default: the Python standard library's .py files)")
+    g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<YYYYmmdd-HHMMSS>; with "
+                                                "--resume: the checkpoint's run folder)")
+    g.add_argument("--resume", metavar="PATH", help="resume from a checkpoint folder (weights, optimizer, "
+                                                    "schedule, RNG and data position); exact on CPU")
+    g.add_argument("--device", help="auto|cpu|cuda|cuda:N (default: auto = cuda when available)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype (default: auto = bfloat16 on CUDA, else float16 there; float32 on CPU). "
+                        "float16 uses a gradient scaler")
+    g.add_argument("--backend", choices=["reference", "triton", "cuda"], help="op backend for every layer "
+                                                                             "(default: automatic)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per process (default: the usable cores divided by the local processes)")
+    g.add_argument("--seed", type=int, metavar="N", help=f"seed for initialisation, data order and dropout (default: {D.seed})")
+    g.add_argument("--max-steps", type=int, metavar="N", help=f"optimizer steps (default: {D.max_steps}); small for a smoke run")
+    g.add_argument("--stop-at-step", type=int, metavar="N",
+                   help="stop after step N as if interrupted (the schedules still aim at --max-steps); "
+                        "continue with --resume")
+    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    g.add_argument("--grad-checkpoint", action="store_const", const=True,
+                   help="activation checkpointing: recompute each layer in the backward (less memory, slower)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bar")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
+                   help="no TensorBoard logs (written only when tensorboard is installed)")
+    g.add_argument("--no-plot", dest="plot", action="store_const", const=False, help="no loss-curve PNG")
+    g.add_argument("--no-cache", dest="use_cache", action="store_const", const=False,
+                   help="do not read or write the token cache ($HILT_CACHE_DIR, default ~/.cache/hilt)")
+    g.add_argument("--cache-dir", metavar="DIR", help="token cache folder (default: $HILT_CACHE_DIR or ~/.cache/hilt)")
+
+    o = p.add_argument_group("optimization")
+    o.add_argument("--batch-size", type=int, help=f"global sequences per micro-step (default: {D.batch_size})")
+    o.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step (default: {D.grad_accum})")
+    o.add_argument("--lr", type=float, help=f"peak learning rate (default: {D.lr:g})")
+    o.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: lr / 10)")
+    o.add_argument("--warmup", type=int, help=f"linear warmup steps (default: {D.warmup})")
+    o.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on matrices (default: {D.weight_decay:g})")
+    o.add_argument("--beta1", type=float, help=f"AdamW beta1 (default: {D.beta1:g})")
+    o.add_argument("--beta2", type=float, help=f"AdamW beta2 (default: {D.beta2:g})")
+    o.add_argument("--grad-clip", type=float, help=f"clip the gradient norm to this; 0: off (default: {D.grad_clip:g})")
+    o.add_argument("--max-bad-steps", type=int,
+                   help=f"stop after this many consecutive non-finite steps (default: {D.max_bad_steps})")
+    o.add_argument("--ilt-scale-start", type=float,
+                   help=f"HILT modulation scale at the first step (default: {D.ilt_scale_start:g})")
+    o.add_argument("--ilt-scale-end", type=float,
+                   help=f"HILT modulation scale at the last step, linear in between (default: {D.ilt_scale_end:g})")
+
+    e = p.add_argument_group("eval, checkpoints, sample")
+    e.add_argument("--eval-every", type=int, help=f"validate every N steps and at the end; 0: only at the end "
+                                                  f"(default: {D.eval_every})")
+    e.add_argument("--eval-iters", type=int, help=f"validation batches (fixed windows) per eval (default: {D.eval_iters})")
+    e.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps and at the end; 0: only at the end "
+                                                  f"(default: {D.ckpt_every})")
+    e.add_argument("--sample-tokens", type=int, help=f"bytes to generate after training; 0: none (default: {D.sample_tokens})")
+    e.add_argument("--sample-temperature", type=float, help=f"sampling temperature (default: {D.sample_temperature:g})")
+    e.add_argument("--sample-top-p", type=float, help=f"nucleus sampling threshold (default: {D.sample_top_p:g})")
+
+    m = p.add_argument_group("model size (each applies to the model types whose config has that field)")
+    helps = {
+        "d_model": "width (default: 128)", "n_layers": "layers (gpt, hilt; default: 4)",
+        "n_heads": "attention heads (default: 4)", "d_ff": "MLP width (default: 4 * d_model)",
+        "max_seq_len": "context length in bytes, also the training window (default: 256)",
+        "block_size": "local attention / pooling block (block; default: 8)",
+        "dropout": "dropout (default: 0.0 for training runs)",
+        "pos_encoding": "positional encoding: sinusoidal|learned|rope (default: learned)",
+        "ilt_dim": "ILT width (hilt; default: 64 here)", "ilt_heads": "ILT heads (hilt; default: 2)",
+        "ilt_layers": "layers per ILT; 0 = plain GPT (hilt; default: 2)", "ilt_dropout": "ILT dropout (hilt; default: 0.1)",
+        "n_local_layers": "block-local layers (block; default: 2)",
+        "n_global_layers": "global layers over blocks (block; default: 2)",
+        "n_decoder_layers": "block-local decoder layers (block; default: 2)",
+        "d_side": "side-path width (lformer)", "tap_every": "tap every N layers (lformer)",
+    }
+    for name, typ in MODEL_FLAGS.items():
+        m.add_argument(_flag(name), type=typ, dest=f"m_{name}", help=helps[name],
+                       metavar={int: "N", float: "X", str: "NAME"}[typ])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set]:
+    """(TrainConfig, names of the options set explicitly) from parsed ``hilt train`` arguments."""
+    values: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            blob = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise TrainingError(f"--config {path}: cannot read it ({e.strerror})") from None
+        except ValueError as e:
+            raise TrainingError(f"--config {path}: not valid JSON ({e})") from None
+        if not isinstance(blob, dict):
+            raise TrainingError(f"--config {path}: expected a JSON object")
+        if "model_type" in blob:  # a model config
+            values["model"] = get_model_spec(blob["model_type"]).name
+            values["model_config"] = {k: v for k, v in blob.items() if k != "model_type"}
+        else:
+            values.update(blob)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    model_cfg = dict(values.get("model_config") or {})
+    for name in MODEL_FLAGS:
+        v = getattr(args, f"m_{name}", None)
+        if v is not None:
+            model_cfg[name] = v
+    if model_cfg:
+        values["model_config"] = model_cfg
+    explicit = set(values)
+    try:
+        cfg = TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f"--config {args.config}: {e}" if args.config else str(e)) from None
+    return cfg, explicit
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "hilt train") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        cfg, explicit = config_from_args(args)
+        if args.resume is None:
+            cfg.validate()
+            model_config_for(cfg)  # fail early on a flag that does not apply
+        train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, explicit=explicit)
+    except (TrainingError, CheckpointError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(prog="python -m hilt.train"))

@@ -1,0 +1,1 @@
+"""Training, data, checkpoint, generation and CLI tests (hilt.train, hilt.data, hilt.checkpoint, hilt.cli)."""
