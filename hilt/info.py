@@ -13,8 +13,8 @@ from hilt_kernels.dispatch import BACKENDS, CUDA_IN_AUTO, OPS, cuda_status, inte
 # What each backend supports, for the table (the dispatcher checks the same limits per call).
 SUPPORT = {
     "reference": ("fp16 bf16 fp32 fp64", "any", "any", "CPU, CUDA, MPS"),
-    "triton": ("fp16 bf16 fp32", "1..128 (bla); any (others)", "1..256 (bla)", "CUDA (CPU under TRITON_INTERPRET=1)"),
-    "cuda": ("fp16 bf16 fp32", "-", "-", "CUDA"),
+    "triton": ("fp16 bf16 fp32", "1..128 (bla); any (others)", "any", "CUDA (CPU under TRITON_INTERPRET=1)"),
+    "cuda": ("fp16 bf16 fp32", "1..128 (bla); <=256/512 (apool)", "any", "CUDA (sm_80, sm_90 builds)"),
 }
 
 
@@ -48,10 +48,10 @@ def report() -> str:
     for name, why in backend_availability().items():
         lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
     lines.append("")
-    lines.append(f"  {'backend':<10} {'dtypes':<20} {'head dims':<28} {'block sizes':<14} devices")
+    lines.append(f"  {'backend':<10} {'dtypes':<20} {'head dims':<34} {'block sizes':<14} devices")
     for name in BACKENDS:
         d, h, b, dev = SUPPORT[name]
-        lines.append(f"  {name:<10} {d:<20} {h:<28} {b:<14} {dev}")
+        lines.append(f"  {name:<10} {d:<20} {h:<34} {b:<14} {dev}")
     lines.append("")
     lines.append("automatic choice: CPU/MPS -> reference; CUDA -> triton when it supports the case, else reference")
     auto = ", ".join(f"{op} ({where})" for op, where in CUDA_IN_AUTO.items()) or "none yet (no recorded GPU run)"

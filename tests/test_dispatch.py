@@ -33,7 +33,7 @@ def test_demanded_cuda_backend_lists_every_reason():
     with pytest.raises(BackendUnavailableError) as e:
         hilt_kernels.block_local_attention(q, k, v, 4, backend="cuda")
     msg = str(e.value)
-    assert "not implemented" in msg  # the library
+    assert "no CUDA device" in msg or "not built" in msg  # the library / driver
     assert "need CUDA tensors" in msg  # the device
     assert "float64" in msg  # the dtype
 
