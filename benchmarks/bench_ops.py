@@ -32,6 +32,17 @@ from _timing import markdown_table, time_interleaved  # noqa: E402
 import hilt_kernels  # noqa: E402
 
 
+def time_mode(providers, base, mode, rounds):
+    """Interleaved timings of every provider: forward only (no grad) or forward + backward of the sum."""
+    if mode == "fwd":
+        fns = {n: (lambda f=f: f(*base)) for n, f in providers.items()}
+        with torch.no_grad():
+            return time_interleaved(fns, rounds=rounds)
+    leaves = [x.clone().requires_grad_() for x in base]
+    fns = {n: (lambda f=f: f(*leaves).sum().backward()) for n, f in providers.items()}
+    return time_interleaved(fns, rounds=rounds)
+
+
 # ----------------------------------------------------------------------------- block_local_attention
 def bla_sdpa_block_views(q, k, v, b, causal=True):
     B, T, H, D = q.shape
@@ -100,14 +111,7 @@ def bench_bla(args, results):
             err = (fn(*base) - ref).abs().max().item()
             assert err < 1e-4, f"{name} differs from the reference by {err}"
         for mode in ("fwd", "fwd+bwd"):
-            if mode == "fwd":
-                fns = {n: (lambda f=f: f(*base)) for n, f in providers.items()}
-                with torch.no_grad():
-                    t = time_interleaved(fns, rounds=args.rounds)
-            else:
-                leaves = [x.clone().requires_grad_() for x in base]
-                fns = {n: (lambda f=f: f(*leaves).sum().backward()) for n, f in providers.items()}
-                t = time_interleaved(fns, rounds=args.rounds)
+            t = time_mode(providers, base, mode, args.rounds)
             best_plain = min(t[n]["median_ms"] for n in ("sdpa block views", "sdpa per block", "bmm blocks"))
             ratio = t["hilt reference"]["median_ms"] / best_plain
             rows.append([b, mode] + [f"{t[n]['median_ms']:.2f}" for n in providers] + [f"{ratio:.2f}"])
@@ -199,14 +203,7 @@ def bench_small_ops(args, results):
             assert err < 1e-4, f"{title}: {name} differs from the reference by {err}"
         rows = []
         for mode in ("fwd", "fwd+bwd"):
-            if mode == "fwd":
-                fns = {n: (lambda f=f: f(*base)) for n, f in providers.items()}
-                with torch.no_grad():
-                    t = time_interleaved(fns, rounds=args.rounds)
-            else:
-                leaves = [x.clone().requires_grad_() for x in base]
-                fns = {n: (lambda f=f: f(*leaves).sum().backward()) for n, f in providers.items()}
-                t = time_interleaved(fns, rounds=args.rounds)
+            t = time_mode(providers, base, mode, args.rounds)
             ref_ms = t["hilt reference"]["median_ms"]
             rows.append([mode] + [f"{t[n]['median_ms']:.2f} ({t[n]['median_ms'] / ref_ms:.2f}x)" for n in providers])
             results.append({"op": title, "mode": mode, "timings": t})
@@ -222,10 +219,15 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, 3 with --quick)")
     p.add_argument("--only", choices=["bla", "others"], default=None, help="benchmark only one group")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's default). On a shared, busy machine, 1 thread "
+                        "avoids OpenMP barrier stalls that slow small ops far more than large ones")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="folder for the JSON and markdown results")
     args = p.parse_args(argv)
     args.no_compile = args.no_compile or args.quick
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.bla_shape = (2, 1024, 8, 64) if args.quick else (4, 2048, 8, 64)
     torch.manual_seed(0)
