@@ -242,7 +242,7 @@ def main(argv=None):
     text = f"## CPU op benchmark\n\n{head}\n\n" + "\n\n".join(sections) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"ops_cpu{'_quick' if args.quick else ''}")
+    stem = os.path.join(args.out, f"ops_cpu{'_' + args.only if args.only else ''}{'_quick' if args.quick else ''}")
     with open(stem + ".json", "w") as f:
         json.dump({"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "date": dt.date.today().isoformat(), "argv": argv or sys.argv[1:], "results": results}, f, indent=1)
