@@ -79,6 +79,8 @@ def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same text (default: 0)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all usable cores)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole context every step instead of using the KV cache (GPT, HILT)")
     return p
 
 
@@ -94,7 +96,7 @@ def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate")
         if not prompt:
             raise ValueError("--prompt must not be empty")
         ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed)
+                       top_p=args.top_p, seed=args.seed, use_cache=False if args.no_kv_cache else None)
     except (CheckpointError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
@@ -108,6 +110,8 @@ COMMANDS = {
     "generate": "continue a prompt with a checkpoint",
     "info": "versions, devices and kernel backends available here",
 }
+COMMANDS["npt-train"] = "train neuro-plastic (NP) layers of a Llama checkpoint with teacher scaffolding"
+COMMANDS["ablate"] = "GPT vs HILT vs block vs L-Former at matched parameters: table + val-curve plot"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -127,6 +131,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .train import main as train_main
 
         return train_main(rest, prog="hilt train")
+    if ns.command == "npt-train":
+        from .npt_train import main as npt_train_main
+
+        return npt_train_main(rest, prog="hilt npt-train")
+    if ns.command == "ablate":
+        from .ablate import main as ablate_main
+
+        return ablate_main(rest, prog="hilt ablate")
     if ns.command == "eval":
         return eval_main(rest)
     if ns.command == "generate":

@@ -12,6 +12,13 @@ One readable loop, top to bottom (nanoGPT style):
    every rank, the HILT modulation-scale schedule, periodic eval (loss, bits/byte) and checkpoints
 7. the end: final eval and checkpoint, loss-curve PNG, a generated sample, and where everything went
 
+``--model lformer`` with a reasoning head (as by default) adds one hook
+(:class:`hilt.reasoning.LFormerTraining`): phase A (base frozen) then phase B (the last K base layers
+unfrozen) by step, synthetic reasoning rows appended to every micro-batch (head losses on them, the LM
+loss on the corpus rows), and tool accuracy / value MAE / plan exact match at each eval (``phase``,
+``tool_acc``, ``value_mae``, ``plan_em`` columns of metrics.csv; the ``loss``
+column is then the total of the LM and head losses).
+
 ``--batch-size`` is the global batch per micro-step (all ranks together), so a run's numbers do not
 depend on the number of processes; one optimizer step sees ``batch_size * grad_accum * max_seq_len`` tokens.
 """
@@ -63,6 +70,11 @@ MODEL_FLAGS = {
     "d_side": int, "tap_every": int,
 }
 
+def _has_reasoning_heads(model_cfg) -> bool:
+    """Whether an LFormer config has a reasoning head (then ``train`` runs the phases and reasoning data)."""
+    return bool(model_cfg.n_tools or model_cfg.value_head or model_cfg.plan_vocab)
+
+
 # The small default run's model settings, on top of each config's own defaults (where the field exists).
 DEFAULT_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 256, "dropout": 0.0,
                  "ilt_dim": 64}
@@ -107,6 +119,14 @@ class TrainConfig:
     plot: bool = True
     cache_dir: Optional[str] = None
     use_cache: bool = True
+    # --model lformer only: training phases and the synthetic reasoning data (hilt.reasoning)
+    phase_a_steps: Optional[int] = None   # base frozen; None: round(phase_a_fraction * max_steps)
+    phase_b_steps: Optional[int] = None   # given: max_steps = phase A steps + this
+    phase_a_fraction: float = 0.5
+    phase_b_unfreeze: str = "1"           # phase B trains the last K base layers ("K") or all ("all")
+    reasoning_batch_size: Optional[int] = None  # reasoning rows per micro-batch; None: batch_size // 2
+    reasoning_examples: int = 4096        # training pool
+    reasoning_eval_examples: int = 256    # held out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +150,16 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        get_model_spec(self.model)
+        if get_model_spec(self.model).name != "lformer":
+            given = [n for n in ("phase_a_steps", "phase_b_steps", "reasoning_batch_size")
+                     if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(_flag(n) for n in given)} applies to --model lformer only")
+        for name in ("phase_a_steps", "phase_b_steps", "reasoning_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.phase_a_fraction <= 1.0:
+            raise ValueError(f"phase_a_fraction must be in [0, 1], got {self.phase_a_fraction}")
 
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -143,6 +172,10 @@ def model_config_for(cfg: TrainConfig):
     spec = get_model_spec(cfg.model)
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     values = {k: v for k, v in DEFAULT_MODEL.items() if k in fields}
+    if spec.name == "lformer":  # heads sized for the synthetic reasoning data
+        from .reasoning import lformer_head_config
+
+        values.update(lformer_head_config())
     user = {k: v for k, v in cfg.model_config.items() if k != "model_type"}
     wrong = sorted(set(user) - fields)
     if wrong:
@@ -351,7 +384,8 @@ class TrainResult:
     seconds: float = 0.0
 
 
-CSV_FIELDS = ["step", "lr", "loss", "val_loss", "val_bpb", "tokens_per_s", "ilt_scale", "grad_norm", "skipped"]
+CSV_FIELDS = ["step", "lr", "loss", "val_loss", "val_bpb", "tokens_per_s", "ilt_scale", "grad_norm", "skipped",
+              "phase", "tool_acc", "value_mae", "plan_em"]  # the last four: --model lformer only
 
 
 def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
@@ -452,6 +486,10 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
             merged["out"] = str(Path(resume).resolve().parent)
         cfg = TrainConfig.from_dict(merged)
     cfg.validate()
+    if get_model_spec(cfg.model).name == "lformer":
+        from .reasoning import resolve_phases
+
+        cfg = resolve_phases(cfg)  # --phase-b-steps sets max_steps
     device = resolve_device(cfg.device, d)
     dtype = resolve_dtype(cfg.dtype, device)
     log = log if d.master else (lambda *a, **k: None)
@@ -484,6 +522,12 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
     has_ilt_scale = hasattr(raw, "set_ilt_scale") and getattr(raw, "ilts", None) is not None
     sampler = BatchSampler(corpus.train, cfg.batch_size, seq_len, seed=cfg.seed, rank=d.rank,
                            world_size=d.world_size, device=device)
+    lformer = None  # the L-Former hook: phases, reasoning rows mixed into each batch, head metrics
+    if spec.name == "lformer" and _has_reasoning_heads(model_cfg):  # without reasoning heads: a plain LM run
+        from .reasoning import LFormerTraining
+
+        lformer = LFormerTraining(cfg, raw, seq_len, device, rank=d.rank, world_size=d.world_size,
+                                  log=log if d.master else (lambda *a, **k: None))
 
     # -- 4. optimizer, schedule, grad scaler --------------------------------------------------------
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
@@ -581,15 +625,19 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
             if has_ilt_scale:
                 ilt_scale = ilt_scale_at(step, cfg.ilt_scale_start, cfg.ilt_scale_end, cfg.max_steps)
                 raw.set_ilt_scale(ilt_scale)
+            phase = lformer.set_phase(raw, step) if lformer is not None else None
 
             # forward/backward over the micro-batches; DDP syncs gradients on the last one only
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 ids, targets = sampler.next_batch()
+                extra = {}
+                if lformer is not None:  # + reasoning rows and their head labels
+                    ids, targets, extra = lformer.mix(ids, targets, step, micro)
                 sync = not d.enabled or micro == cfg.grad_accum - 1
                 with (nullcontext() if sync else model.no_sync()):
                     with autocast:
-                        loss = model(ids, targets).loss / cfg.grad_accum
+                        loss = model(ids, targets, **extra).loss / cfg.grad_accum
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach().float()
 
@@ -637,14 +685,22 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
             step_done = step + 1
             row = {"step": step_done, "lr": lr, "loss": loss_value, "val_loss": "", "val_bpb": "",
                    "tokens_per_s": tok_s, "ilt_scale": ilt_scale if ilt_scale is not None else "",
-                   "grad_norm": grad_norm.item(), "skipped": int(bad)}
+                   "grad_norm": grad_norm.item(), "skipped": int(bad), "phase": phase or "", "tool_acc": "",
+                   "value_mae": "", "plan_em": ""}
             is_last = step_done == cfg.max_steps
             if (cfg.eval_every and step_done % cfg.eval_every == 0) or is_last:
                 val_loss, val_bpb = run_eval()
                 row["val_loss"], row["val_bpb"] = val_loss, val_bpb
+                heads = ""
+                if lformer is not None:
+                    row.update(lformer.evaluate(eval_model))
+                    heads = (f", tool acc {row['tool_acc']:.3f}, value MAE {row['value_mae']:.3f}, "
+                             f"plan exact {row['plan_em']:.3f} (phase {phase})")
                 if pbar is not None:
                     pbar.write(f"step {step_done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
-                               f"val bits/byte {val_bpb:.4f}")
+                               f"val bits/byte {val_bpb:.4f}{heads}")
+                elif heads:
+                    log(f"step {step_done}: val bits/byte {val_bpb:.4f}{heads}")
             history.append(row)
             if d.master:
                 with open(paths["csv"], "a", newline="") as f:
@@ -658,6 +714,9 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
                     if row["val_loss"] != "":
                         writer.add_scalar("val/loss", val_loss, step_done)
                         writer.add_scalar("val/bits_per_byte", val_bpb, step_done)
+                    for k in ("tool_acc", "value_mae", "plan_em"):
+                        if row[k] != "":
+                            writer.add_scalar(f"val/{k}", row[k], step_done)
             if (cfg.ckpt_every and step_done % cfg.ckpt_every == 0) or is_last or step_done == last_step:
                 save(step_done, {"val_loss": val_loss, "val_bpb": val_bpb, "train_loss": loss_value})
             if pbar is not None:
@@ -796,6 +855,23 @@ def build_parser(prog: str = "hilt train") -> argparse.ArgumentParser:
     e.add_argument("--sample-tokens", type=int, help=f"bytes to generate after training; 0: none (default: {D.sample_tokens})")
     e.add_argument("--sample-temperature", type=float, help=f"sampling temperature (default: {D.sample_temperature:g})")
     e.add_argument("--sample-top-p", type=float, help=f"nucleus sampling threshold (default: {D.sample_top_p:g})")
+
+    lf = p.add_argument_group("L-Former phases and reasoning data (--model lformer; see hilt.reasoning)")
+    lf.add_argument("--phase-a-steps", type=int, metavar="N",
+                    help="phase A (base frozen, side path and heads train) steps (default: --phase-a-fraction "
+                         "of --max-steps)")
+    lf.add_argument("--phase-b-steps", type=int, metavar="N",
+                    help="phase B steps; sets --max-steps to phase A + N (default: the rest of --max-steps)")
+    lf.add_argument("--phase-a-fraction", type=float, metavar="X",
+                    help=f"phase A share of --max-steps when --phase-a-steps is not given (default: {D.phase_a_fraction:g})")
+    lf.add_argument("--phase-b-unfreeze", metavar="K|all",
+                    help=f"phase B trains the last K base layers, or all of the base (default: {D.phase_b_unfreeze})")
+    lf.add_argument("--reasoning-batch-size", type=int, metavar="N",
+                    help="synthetic reasoning rows appended to each micro-batch (default: batch size // 2)")
+    lf.add_argument("--reasoning-examples", type=int, metavar="N",
+                    help=f"size of the synthetic training pool (default: {D.reasoning_examples})")
+    lf.add_argument("--reasoning-eval-examples", type=int, metavar="N",
+                    help=f"held-out reasoning examples per eval (default: {D.reasoning_eval_examples})")
 
     m = p.add_argument_group("model size (each applies to the model types whose config has that field)")
     helps = {

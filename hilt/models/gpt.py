@@ -6,6 +6,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from hilt.nn import LearnedPositionalEncoding, SinusoidalPositionalEncoding, TransformerLayer
+from hilt.nn.attention import KVCache
 
 from .config import GPTConfig
 from .output import ModelOutput, check_ids, init_weights, lm_loss
@@ -39,6 +40,13 @@ class GPT(nn.Module):
     by the caller; -100 is ignored. ``key_padding_mask`` (B, T) bool, True = padding: padded
     tokens are ignored as attention keys and their targets never count (callers may also set
     them to -100 themselves).
+
+    Incremental decoding (KV cache): ``cache = model.init_cache(batch_size)`` then
+    ``model.forward_step(ids_chunk, cache)`` feeds the next tokens (a prompt, then one token at a
+    time) at positions ``cache.length ..`` and returns their logits; positions (learned,
+    sinusoidal, RoPE) are absolute, so the logits equal ``forward`` on the whole prefix. The
+    context is at most ``max_seq_len``; :func:`hilt.generate.generate` rebuilds the cache when a
+    sliding window moves. ``supports_kv_cache`` is False for subclasses that change ``forward``.
     """
 
     config_class = GPTConfig
@@ -119,6 +127,57 @@ class GPT(nn.Module):
         logits = self.head(h)
         loss = lm_loss(logits, targets, key_padding_mask) if targets is not None else None
         return ModelOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------ KV cache
+    @property
+    def supports_kv_cache(self) -> bool:
+        """True when :meth:`forward_step` reproduces :meth:`forward`'s logits: the model's forward is
+        GPT's (HILT changes only the layers, which it handles in :meth:`_step_layers`). A subclass
+        with its own forward (e.g. LFormer's blend) does not get a cache unless it overrides this."""
+        return type(self).forward is GPT.forward
+
+    def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
+        """An empty :class:`~hilt.nn.attention.KVCache` for ``batch_size`` sequences of at most
+        ``max_len`` (default and maximum: ``config.max_seq_len``) tokens, on the model's device and dtype."""
+        if not self.supports_kv_cache:
+            raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding path")
+        max_len = self.config.max_seq_len if max_len is None else int(max_len)
+        if not 1 <= max_len <= self.config.max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={self.config.max_seq_len}], got {max_len}")
+        ref = self.tok_emb.weight
+        attn = self.layers[0].attn
+        return KVCache(len(self.layers), batch_size, attn.n_heads, attn.head_dim, max_len,
+                       device=device or ref.device, dtype=dtype or ref.dtype)
+
+    def _step_layers(self, h: Tensor, cache: KVCache, pos: int) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+        return h
+
+    def forward_step(self, ids: Tensor, cache: KVCache, start_pos: Optional[int] = None) -> ModelOutput:
+        """Logits (B, T, vocab) of ``ids`` (B, T) placed at positions ``start_pos .. start_pos+T-1``
+        (default ``cache.length``: right after the cached tokens), attending to the cached tokens
+        before them. Writes their keys/values into ``cache`` and sets ``cache.length = start_pos + T``.
+        A ``start_pos`` below ``cache.length`` rewinds (the later entries are overwritten).
+        Decoding only: no padding mask, no loss; call it in eval mode (dropout is not applied)."""
+        if not self.supports_kv_cache:
+            raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding path")
+        pos = cache.length if start_pos is None else int(start_pos)
+        check_ids(ids, self.config.max_seq_len)
+        B, T = ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"ids has batch {B}, the cache was built for {cache.batch_size}")
+        if not 0 <= pos <= cache.length:
+            raise ValueError(f"start_pos must be in [0, cache.length={cache.length}], got {pos}")
+        if pos + T > cache.max_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache length {cache.max_len} "
+                             f"(max_seq_len={self.config.max_seq_len}): rebuild the cache from a shorter window")
+        h = self.tok_emb(ids)
+        if self.pos_enc is not None:
+            h = self.pos_enc(h, offset=pos)
+        h = self._step_layers(self.drop(h), cache, pos)
+        cache.length = pos + T
+        return ModelOutput(logits=self.head(h))
 
     def extra_repr(self) -> str:
         return f"num_parameters={self.num_parameters()}"

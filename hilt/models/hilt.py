@@ -71,3 +71,15 @@ class HILT(GPT):
             if collect:
                 states.append(h)
         return states if collect else [h]
+
+    def _step_layers(self, h: Tensor, cache, pos: int) -> Tensor:
+        """KV-cached layers. ILTs mix (prev, cur) states of the same token, so they cache nothing:
+        they run on the new tokens exactly as in the full forward, with the current ``ilt_scale``."""
+        if self.ilts is None:
+            return super()._step_layers(h, cache, pos)
+        for i, layer in enumerate(self.layers):
+            new = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+            if i >= 1:
+                new = new + self.ilt_scale.to(new.dtype) * self.ilts[i - 1](h, new)
+            h = new
+        return h

@@ -11,7 +11,33 @@ from hilt.functional import block_local_attention, window2_attention
 
 from .positional import RotaryEmbedding
 
-__all__ = ["CausalSelfAttention", "BlockLocalAttention", "Window2Attention"]
+__all__ = ["CausalSelfAttention", "BlockLocalAttention", "Window2Attention", "KVCache"]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding (``GPT.init_cache`` builds one).
+
+    ``k[i]``, ``v[i]``: (B, H, max_len, D) buffers of layer i; positions ``[0, length)`` are filled.
+    ``length`` is the next position to write; :meth:`reset` empties the cache (buffers are reused).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, head_dim: int, max_len: int,
+                 device=None, dtype=None) -> None:
+        if min(n_layers, batch_size, n_heads, head_dim, max_len) < 1:
+            raise ValueError("KVCache sizes must all be >= 1, got "
+                             f"{(n_layers, batch_size, n_heads, head_dim, max_len)}")
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def reset(self) -> "KVCache":
+        self.length = 0
+        return self
+
+    def __repr__(self) -> str:
+        B, H, L, D = self.k[0].shape
+        return f"KVCache(layers={len(self.k)}, batch={B}, heads={H}, head_dim={D}, length={self.length}/{L})"
 
 
 def _check_heads(d_model: int, n_heads: int) -> int:
@@ -59,13 +85,14 @@ class _QKVAttention(nn.Module):
         self.qkv.reset_parameters()
         self.out_proj.reset_parameters()
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, C) -> q, k, v as (B, T, H, D) strided views of one projection (no copies)."""
+    def _qkv(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, C) -> q, k, v as (B, T, H, D) strided views of one projection (no copies).
+        ``offset``: the absolute position of x's first token (RoPE)."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.unbind(2)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
         return q, k, v
 
 
@@ -105,6 +132,27 @@ class CausalSelfAttention(_QKVAttention):
             y = y * has_key.to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.out_proj(y))
+
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """Incremental causal attention for tokens at positions ``pos .. pos+T-1``: their keys and
+        values are written into ``k_cache``/``v_cache`` (B, H, max_len, D) at ``[pos, pos+T)``, and
+        each query attends to the cached positions ``<=`` its own. No padding, no dropout (decoding)."""
+        if not self.causal:
+            raise RuntimeError("forward_cached needs causal attention")
+        B, T, C = x.shape
+        end = pos + T
+        if end > k_cache.shape[2]:
+            raise ValueError(f"KV cache overflow: positions up to {end} > cache length {k_cache.shape[2]}")
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x, offset=pos))  # (B, H, T, D)
+        k_cache[:, :, pos:end] = k
+        v_cache[:, :, pos:end] = v
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, keys, values)
+        else:  # query i (position pos+i) sees keys 0 .. pos+i
+            mask = torch.arange(end, device=x.device) <= torch.arange(pos, end, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, "

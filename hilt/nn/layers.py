@@ -103,5 +103,13 @@ class TransformerLayer(nn.Module):
         x = x + a
         return x + self.mlp(self.norm2(x))
 
+    def forward_cached(self, x: Tensor, k_cache, v_cache, pos: int) -> Tensor:
+        """:meth:`forward` for new tokens at positions ``pos ..`` with a KV cache (causal attention
+        only; see :meth:`CausalSelfAttention.forward_cached`)."""
+        if not isinstance(self.attn, CausalSelfAttention):
+            raise RuntimeError(f"a KV cache needs causal attention, this layer has {self.attention_kind!r}")
+        x = x + self.attn.forward_cached(self.norm1(x), k_cache, v_cache, pos)
+        return x + self.mlp(self.norm2(x))
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, attention={self.attention_kind!r}"
