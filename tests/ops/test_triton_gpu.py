@@ -1,0 +1,111 @@
+"""GPU-only checks of the triton backend: realistic shapes, bf16, tile sizes the interpreter does not
+enforce, and torch.compile of the triton ops. All skip without CUDA (the CPU runs the same kernels
+through the interpreter in the per-op tests, at tiny shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hilt_kernels
+from tests.conftest import HAS_CUDA, assert_close
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (GPU-only triton tests)")
+
+TOL = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2), torch.float32: (2e-3, 2e-3)}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _grads(fn, xs):
+    """Output and input gradients under one fixed fp32 random output gradient (the same for every dtype)."""
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    out = fn(*xs)
+    g = torch.randn(out.shape, device=out.device, generator=torch.Generator(out.device).manual_seed(1))
+    out.backward(g.to(out.dtype))
+    return out, [x.grad for x in xs]
+
+
+def _compare(fn_triton, fn_ref, xs, dtype, name):
+    """The triton op in ``dtype`` against the reference op in fp32 on the same (rounded) inputs."""
+    atol, rtol = TOL[dtype]
+    out, grads = _grads(fn_triton, xs)
+    out_r, grads_r = _grads(fn_ref, [x.float() for x in xs])
+    assert_close(out, out_r, atol, rtol, f"{name} out")
+    for i, (g, gr) in enumerate(zip(grads, grads_r)):
+        assert_close(g, gr, atol * 2, rtol * 2, f"{name} grad {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_local_attention_large(dtype, block_size, head_dim, causal):
+    torch.manual_seed(0)
+    B, T, H = 2, 1000, 4  # T not a multiple of any block size
+    q, k, v = (torch.randn(B, T, H, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    mask = torch.rand(B, T, device="cuda") < 0.1
+    mask[0, :block_size] = True  # a fully padded block
+    kw = dict(causal=causal, key_padding_mask=mask)
+    _compare(lambda q, k, v: hilt_kernels.block_local_attention(q, k, v, block_size, backend="triton", **kw),
+             lambda q, k, v: hilt_kernels.block_local_attention(q, k, v, block_size, backend="reference", **kw),
+             [q, k, v], dtype, f"bla b={block_size} D={head_dim}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "heads"])
+def test_attention_pool_large(dtype, shared):
+    torch.manual_seed(0)
+    B, T, H, C = 2, 1000, 8, 768
+    scores = torch.randn(B, T, H, device="cuda", dtype=dtype)
+    values = torch.randn((B, T, C) if shared else (B, T, H, 64), device="cuda", dtype=dtype)
+    mask = torch.rand(B, T, device="cuda") < 0.1
+    _compare(lambda s, v: hilt_kernels.attention_pool(s, v, 8, key_padding_mask=mask, backend="triton"),
+             lambda s, v: hilt_kernels.attention_pool(s, v, 8, key_padding_mask=mask, backend="reference"),
+             [scores, values], dtype, "apool")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_window2_attention_large(dtype, causal):
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 2, 2048, 3, 2, 64, device="cuda", dtype=dtype)
+    _compare(lambda x: hilt_kernels.window2_attention(*x.unbind(3), causal=causal, backend="triton"),
+             lambda x: hilt_kernels.window2_attention(*x.unbind(3), causal=causal, backend="reference"),
+             [qkv], dtype, "w2a")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_ema_depth_scan_large(dtype, per_channel):
+    torch.manual_seed(0)
+    values = torch.randn(12, 4, 1000, 128, device="cuda", dtype=dtype)
+    alpha = torch.randn((12, 128) if per_channel else (12,), device="cuda")
+    init = torch.randn(128, device="cuda", dtype=dtype)
+    _compare(lambda v, a, i: hilt_kernels.ema_depth_scan(v, a, init=i, backend="triton"),
+             lambda v, a, i: hilt_kernels.ema_depth_scan(v, a.float(), init=i, backend="reference"),
+             [values, alpha, init], dtype, "ema")
+
+
+@pytest.mark.parametrize("op", ["bla", "apool", "w2a", "ema"])
+def test_compile_fullgraph_triton(op):
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    fns = {
+        "bla": (lambda q, k, v: hilt_kernels.block_local_attention(q, k, v, 16, backend="triton"),
+                [torch.randn(2, 256, 4, 64, device=dev, dtype=dt) for _ in range(3)]),
+        "apool": (lambda s, v: hilt_kernels.attention_pool(s, v, 8, backend="triton"),
+                  [torch.randn(2, 256, 4, device=dev, dtype=dt), torch.randn(2, 256, 128, device=dev, dtype=dt)]),
+        "w2a": (lambda q, k, v: hilt_kernels.window2_attention(q, k, v, backend="triton"),
+                [torch.randn(2, 2, 256, 2, 64, device=dev, dtype=dt) for _ in range(3)]),
+        "ema": (lambda v, a: hilt_kernels.ema_depth_scan(v, a, backend="triton"),
+                [torch.randn(6, 2, 256, 64, device=dev, dtype=dt), torch.randn(6, device=dev)]),
+    }
+    fn, xs = fns[op]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: fn(*a).float().square().sum(), fullgraph=True)
+    a = [x.detach().clone().requires_grad_() for x in xs]
+    b = [x.detach().clone().requires_grad_() for x in xs]
+    compiled(*a).backward()
+    fn(*b).float().square().sum().backward()
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_close(x.grad, y.grad, 1e-2, 1e-2, f"{op} compiled grad {i}")
