@@ -3,6 +3,7 @@
 One readable loop, top to bottom (nanoGPT style):
 
 1. processes and device: DDP when launched by torchrun (gloo on CPU, nccl on GPU, from the env vars)
+   (``--fsdp``: FSDP2 instead, each layer sharded; checkpoints gathered to rank 0 in the usual format)
 2. data: byte-level corpus (the stdlib by default, ``--data`` otherwise) and a seeded batch sampler
    (each rank takes its shard of the same global batch)
 3. model: any registered type (``--model gpt|hilt|block|...``), built from size flags or ``--config``
@@ -38,6 +39,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import numpy as np
@@ -109,6 +111,7 @@ class TrainConfig:
     ilt_scale_start: float = 0.01
     ilt_scale_end: float = 0.1
     compile: bool = False
+    fsdp: bool = False               # under torchrun: shard the model with FSDP2 instead of DDP
     grad_checkpoint: bool = False
     max_bad_steps: int = 5           # consecutive non-finite steps before stopping
     sample_tokens: int = 256
@@ -158,6 +161,9 @@ class TrainConfig:
         for name in ("phase_a_steps", "phase_b_steps", "reasoning_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fsdp and DTYPES[self.dtype] == torch.float16:
+            raise ValueError("--fsdp does not support --dtype float16 (its gradient scaler is per rank); "
+                             "use bfloat16 or float32")
         if not 0.0 <= self.phase_a_fraction <= 1.0:
             raise ValueError(f"phase_a_fraction must be in [0, 1], got {self.phase_a_fraction}")
 
@@ -337,6 +343,53 @@ def _all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def fsdp_shard(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: ``fully_shard`` each block of every ``nn.ModuleList`` in the model (the transformer
+    layers of any model type: ``layers``, ``ilts``, local/global/decoder layers, ...), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst
+              if any(True for _ in m.parameters())]
+    for m in blocks:
+        if not any(m is not b and any(m is x for x in b.modules()) for b in blocks):  # outermost blocks only
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def fsdp_full_state(model: nn.Module, optimizer, build, master: bool):
+    """Collective (every rank): the full weights and optimizer state of an FSDP2 model, gathered to the
+    CPU. Rank 0 gets (a plain model copy from ``build()``, the optimizer state in the single-process
+    format, or None without ``optimizer``); the other ranks (None, None)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    if not master:
+        return None, None
+    plain = build()
+    plain.load_state_dict(msd)
+    if osd is not None:  # parameter names -> their index in the param groups, as optimizer.state_dict() has it
+        index: dict[str, int] = {}
+        groups = [dict(g, params=[index.setdefault(n, len(index)) for n in g["params"]]) for g in osd["param_groups"]]
+        osd = {"state": {index[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
+    return plain, osd
+
+
+def fsdp_set_optimizer_state(model: nn.Module, optimizer, plain_state: dict) -> None:
+    """Load a single-process optimizer state dict (parameter indices) into the optimizer of an FSDP2
+    model (parameter names), sharding it like the parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    osd = {"state": {order[i]: s for i, s in plain_state["state"].items()},
+           "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in plain_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+
 # -------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -481,11 +534,15 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
             raise TrainingError("--resume: the model comes from the checkpoint; drop --model, --config's model "
                                 "settings and the size flags")
         merged = dict(saved)
-        merged.update({k: v for k, v in asdict(cfg).items() if k in given})
+        # FSDP or not is a choice of this launch: the checkpoint is the same either way
+        merged.update({k: v for k, v in asdict(cfg).items() if k in given or k == "fsdp"})
         if "out" not in given:
             merged["out"] = str(Path(resume).resolve().parent)
         cfg = TrainConfig.from_dict(merged)
     cfg.validate()
+    if cfg.fsdp and not d.enabled:
+        raise TrainingError("--fsdp shards the model between processes: launch with torchrun "
+                            "--nproc_per_node=N (N >= 2), or drop --fsdp for one process")
     if get_model_spec(cfg.model).name == "lformer":
         from .reasoning import resolve_phases
 
@@ -548,16 +605,26 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
             sampler.load_state_dict(state["sampler"])
         start_step = int(state["step"])
         skipped_total = int(state.get("metrics", {}).get("skipped_steps", 0))
+    if cfg.fsdp:  # shard the (resumed) model, then a new optimizer over the shards, with the resumed state
+        plain_opt_state = optimizer.state_dict() if state else None
+        fsdp_shard(raw)
+        optimizer = configure_optimizer(raw, cfg, device)
+        schedule.optimizer = optimizer
+        if plain_opt_state is not None:
+            fsdp_set_optimizer_state(raw, optimizer, plain_opt_state)
 
     model: nn.Module = raw
     if cfg.compile:
         model = torch.compile(model)
-    if d.enabled:
+    if d.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=spec.find_unused_parameters)
-    eval_model = unwrap_model(model) if not cfg.compile else model.module if d.enabled else model
+    eval_model = unwrap_model(model) if not cfg.compile else model.module if d.enabled and not cfg.fsdp else model
+
+    def build_plain() -> nn.Module:  # FSDP: rank 0's unsharded copy for checkpoints and the sample
+        return build_model(spec.name, model_cfg, **kwargs).to(device)
 
     # -- output folder and logs ---------------------------------------------------------------------
     out = _new_run_dir(cfg, d)
@@ -598,8 +665,13 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
         if d.enabled:
             rng_ranks = [None] * d.world_size
             dist.all_gather_object(rng_ranks, rng_state())
+        ckpt_model, ckpt_opt = raw, optimizer
+        if cfg.fsdp:  # every rank gathers; rank 0 writes the same format as one process
+            ckpt_model, opt_state = fsdp_full_state(raw, optimizer, lambda: build_model(spec.name, model_cfg),
+                                                    d.master)
+            ckpt_opt = SimpleNamespace(state_dict=lambda: opt_state)
         if d.master:
-            save_checkpoint(paths["checkpoint"], raw, optimizer=optimizer, scheduler=schedule, scaler=scaler,
+            save_checkpoint(paths["checkpoint"], ckpt_model, optimizer=ckpt_opt, scheduler=schedule, scaler=scaler,
                             step=step_done, sampler_state=sampler.state_dict(), train_config=cfg.to_dict(),
                             metrics=dict(metrics, skipped_steps=skipped_total),
                             extra={"rng_ranks": rng_ranks} if rng_ranks else None)
@@ -635,7 +707,9 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
                 if lformer is not None:  # + reasoning rows and their head labels
                     ids, targets, extra = lformer.mix(ids, targets, step, micro)
                 sync = not d.enabled or micro == cfg.grad_accum - 1
-                with (nullcontext() if sync else model.no_sync()):
+                if cfg.fsdp:
+                    raw.set_requires_gradient_sync(sync)
+                with (nullcontext() if sync or cfg.fsdp else model.no_sync()):
                     with autocast:
                         loss = model(ids, targets, **extra).loss / cfg.grad_accum
                     scaler.scale(loss).backward()
@@ -649,6 +723,8 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
             else:
                 grads = [p.grad.detach().norm() for p in raw.parameters() if p.grad is not None]
                 grad_norm = torch.stack(grads).norm() if grads else torch.zeros((), device=device)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             stats = torch.stack([torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
                                  (~torch.isfinite(loss_sum)).float(),
                                  (~torch.isfinite(grad_norm.float())).float()]).double()
@@ -730,6 +806,9 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
             pbar = None
         result = TrainResult(out, history, val_loss, val_bpb, step_done, skipped_total, raw, paths,
                              time.perf_counter() - t_start)
+        sample_model = raw
+        if cfg.fsdp and step_done == cfg.max_steps and cfg.sample_tokens > 0:  # every rank gathers
+            sample_model = fsdp_full_state(raw, None, build_plain, d.master)[0]
         if d.master and step_done == cfg.max_steps:
             if cfg.plot:
                 try:
@@ -744,7 +823,7 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, stop_at_step: Optio
                 from .generate import generate
 
                 prompt = _sample_prompt(corpus.val, min(64, raw.config.max_seq_len))
-                ids = generate(raw, prompt, cfg.sample_tokens, temperature=cfg.sample_temperature,
+                ids = generate(sample_model, prompt, cfg.sample_tokens, temperature=cfg.sample_temperature,
                                top_p=cfg.sample_top_p, seed=cfg.seed)
                 text = decode(ids[len(prompt):].tolist())
                 paths["sample"].write_text(f"--- prompt ({len(prompt)} bytes of the val text) ---\n"
@@ -818,6 +897,9 @@ def build_parser(prog: str = "hilt train") -> argparse.ArgumentParser:
                    help="stop after step N as if interrupted (the schedules still aim at --max-steps); "
                         "continue with --resume")
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_const", const=True,
+                   help="under torchrun: shard parameters, gradients and optimizer state between the "
+                        "processes (FSDP2) instead of replicating them (DDP); for large models")
     g.add_argument("--grad-checkpoint", action="store_const", const=True,
                    help="activation checkpointing: recompute each layer in the backward (less memory, slower)")
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
