@@ -273,7 +273,7 @@ def report(args, env, copy_bw, records, finished) -> str:
     for r in records:
         shapes.setdefault((r["op"], r["case"]), {k: r[k] for k in ("B", "T", "H", "D", "C", "L", "S", "block_size")
                                                   if k in r})
-    lines = [f"## attention_pool / window2_attention / ema_depth_scan benchmark\n", tm.environment_line(env), "",
+    lines = ["## attention_pool / window2_attention / ema_depth_scan benchmark\n", tm.environment_line(env), "",
              f"Measured copy bandwidth {copy_bw['GB/s']:.1f} GB/s (read + write); medians over {args.rounds} "
              f"interleaved rounds; 'vs compile' = torch.compile ms / provider ms (> 1: faster than compile)"
              f"{'' if finished else '; **stopped early (budget)**'}.", ""]

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,10 +39,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, load, read_state
+from .checkpoint import load, read_state
 from .data import BatchSampler, eval_batches, load_corpus
 from .models import npt as N
-from .train import (LN2, Dist, TrainingError, WarmupCosine, _all_reduce, cpu_threads, resolve_device,
+from .train import (LN2, Dist, TrainingError, WarmupCosine, _all_reduce, cpu_threads, resolve_device, run_cli,
                     setup_distributed)
 
 __all__ = ["STAGES", "Stage", "CurriculumError", "parse_curriculum", "stage_at", "parse_layer_weights",
@@ -514,15 +513,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "hilt npt-train") -> int:
     args = build_parser(prog).parse_args(argv)
     names = {f.name for f in dataclasses.fields(NPTTrainConfig)}
     cfg = NPTTrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    try:
-        train_npt(cfg)
-    except (TrainingError, CheckpointError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_cli(lambda: train_npt(cfg), prog)
 
 
 if __name__ == "__main__":

@@ -1014,14 +1014,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set]:
     return cfg, explicit
 
 
-def main(argv: Optional[list[str]] = None, prog: str = "hilt train") -> int:
-    args = build_parser(prog).parse_args(argv)
+def run_cli(run, prog: str) -> int:
+    """Run a command's body: a known error becomes one line on stderr and exit code 1, and the process
+    group (torchrun) is torn down either way."""
     try:
-        cfg, explicit = config_from_args(args)
-        if args.resume is None:
-            cfg.validate()
-            model_config_for(cfg)  # fail early on a flag that does not apply
-        train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, explicit=explicit)
+        run()
     except (TrainingError, CheckpointError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
@@ -1029,6 +1026,19 @@ def main(argv: Optional[list[str]] = None, prog: str = "hilt train") -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "hilt train") -> int:
+    args = build_parser(prog).parse_args(argv)
+
+    def run():
+        cfg, explicit = config_from_args(args)
+        if args.resume is None:
+            cfg.validate()
+            model_config_for(cfg)  # fail early on a flag that does not apply
+        train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, explicit=explicit)
+
+    return run_cli(run, prog)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ decoder) and, token-wise only, a gated blend of S^L into the LM head's input.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Optional
 
@@ -23,7 +22,7 @@ from hilt.nn.attention import _check_heads
 
 from .config import GPTConfig, _bool, _float, _int, _prob
 from .gpt import GPT
-from .output import IGNORE_INDEX, ModelOutput, check_ids, classification_loss, init_weights, lm_loss
+from .output import IGNORE_INDEX, ModelOutput, classification_loss, init_weights, lm_loss
 
 __all__ = ["LFormerConfig", "LFormer", "LFormerOutput", "TapProjector", "PlanDecoder",
            "TAP_MODES", "POOLINGS", "AGGREGATORS"]

@@ -7,17 +7,14 @@ import torch
 from .. import _validate as check
 from .._library import register_family
 from ..dispatch import choose_backend
+from ..reference._common import compute_dtype
 
 __all__ = ["block_local_attention"]
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fwd_fake(q, k, v, block_size, causal, scale, key_padding_mask):
     B, T, H, D = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=_lse_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=compute_dtype(q.dtype))
 
 
 def _bwd_fake(dout, q, k, v, out, lse, block_size, causal, scale, key_padding_mask):

@@ -7,13 +7,9 @@ import torch
 from .. import _validate as check
 from .._library import register_family
 from ..dispatch import choose_backend
+from ..reference._common import compute_dtype
 
 __all__ = ["ema_depth_scan"]
-
-
-def _acc_dtype(values, alpha_logits):
-    fp64 = torch.float64 in (values.dtype, alpha_logits.dtype)
-    return torch.float64 if fp64 else torch.float32
 
 
 def _fwd_fake(values, alpha_logits, init, return_all):
@@ -22,7 +18,7 @@ def _fwd_fake(values, alpha_logits, init, return_all):
 
 
 def _bwd_fake(grad, values, alpha_logits, init, states, return_all):
-    acc = _acc_dtype(values, alpha_logits)
+    acc = compute_dtype(values.dtype, alpha_logits.dtype)
     dinit = values.new_empty(values.shape[1:] if init is not None else (0,), dtype=acc)
     return (
         torch.empty_like(values, memory_format=torch.contiguous_format),
@@ -114,7 +110,7 @@ def ema_depth_scan(
             raise ValueError(f"init must be broadcastable to S = values.shape[1:] = {tuple(S)}, got {tuple(init.shape)}")
     if L == 0:  # nothing to scan: the states are empty, the last state is init
         if return_all:
-            return values.new_zeros(values.shape) + values  # keeps the graph, copies the (empty) values
+            return values.clone(memory_format=torch.contiguous_format)  # empty, connected to the graph
         raise ValueError("values must have L >= 1 steps when return_all=False (there is no last state)")
     args = (values, alpha_logits, init, return_all)
     tensors = (values, alpha_logits) if init is None else (values, alpha_logits, init)

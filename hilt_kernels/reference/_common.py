@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64 (for gradcheck); everything else is computed in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of an op on inputs of these dtypes: fp64 if any is fp64 (for gradcheck),
+    else fp32 (16-bit inputs are computed in fp32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def pad_dim(x: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> torch.Tensor:

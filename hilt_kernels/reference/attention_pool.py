@@ -17,10 +17,6 @@ from ._common import compute_dtype, pad_dim
 __all__ = ["forward", "backward"]
 
 
-def _cdtype(scores, values):
-    return torch.promote_types(compute_dtype(scores.dtype), compute_dtype(values.dtype))
-
-
 def _weights(scores, block_size, key_padding_mask, cd):
     """(B, nb, b, H) softmax weights of each block (0 for padding and for fully padded blocks)."""
     B, T, H = scores.shape
@@ -41,7 +37,7 @@ def _value_blocks(values, block_size, nb, cd):
 
 def forward(scores, values, block_size: int, key_padding_mask):
     """Returns out (B, nb, H, D) in values.dtype; see BACKENDS.md."""
-    cd = _cdtype(scores, values)
+    cd = compute_dtype(scores.dtype, values.dtype)
     w = _weights(scores, block_size, key_padding_mask, cd)
     vb = _value_blocks(values, block_size, w.shape[1], cd)
     if values.dim() == 4:  # per-head values (B, nb, b, H, D)
@@ -54,7 +50,7 @@ def forward(scores, values, block_size: int, key_padding_mask):
 def backward(dout, scores, values, out, block_size: int, key_padding_mask):
     """Returns (dscores, dvalues) in the inputs' shapes and dtypes; see BACKENDS.md."""
     B, T, H = scores.shape
-    cd = _cdtype(scores, values)
+    cd = compute_dtype(scores.dtype, values.dtype)
     w = _weights(scores, block_size, key_padding_mask, cd)  # (B, nb, b, H)
     nb = w.shape[1]
     vb = _value_blocks(values, block_size, nb, cd)

@@ -16,10 +16,6 @@ from ._common import compute_dtype
 __all__ = ["forward", "backward"]
 
 
-def _cdtype(values, alpha_logits):
-    return torch.promote_types(compute_dtype(values.dtype), compute_dtype(alpha_logits.dtype))
-
-
 def _alphas(alpha_logits, ndim_state, cd):
     """α as (L, 1, ..., 1) or (L, 1, ..., C), broadcastable against each (*S) step with a leading L."""
     a = torch.sigmoid(alpha_logits.to(cd))
@@ -42,7 +38,7 @@ def _states(values, alpha_logits, init, cd):
 
 def forward(values, alpha_logits, init, return_all: bool):
     """Returns all states (L, *S) or the last (*S), in values.dtype; see BACKENDS.md."""
-    cd = _cdtype(values, alpha_logits)
+    cd = compute_dtype(values.dtype, alpha_logits.dtype)
     L, S = values.shape[0], values.shape[1:]
     a = _alphas(alpha_logits, len(S), cd)
     s = init.to(cd).expand(S) if init is not None else torch.zeros(S, dtype=cd, device=values.device)
@@ -58,7 +54,7 @@ def forward(values, alpha_logits, init, return_all: bool):
 
 def backward(grad, values, alpha_logits, init, states, return_all: bool):
     """Returns (dvalues, dalpha_logits, dinit); see BACKENDS.md for their dtypes and shapes."""
-    cd = _cdtype(values, alpha_logits)
+    cd = compute_dtype(values.dtype, alpha_logits.dtype)
     L, S = values.shape[0], values.shape[1:]
     a = _alphas(alpha_logits, len(S), cd)
     st = _states(values, alpha_logits, init, cd)  # recomputed in fp32/fp64 whatever `states` holds

@@ -14,6 +14,8 @@ from tests.conftest import HAS_CUDA, TOLERANCES, assert_close, on_test_device
 from tests.ops.common import check_16bit_against_fp32, check_against_naive, leaf
 
 OP = on_test_device(hilt_kernels.block_local_attention)
+# both reference formulations (fused CPU kernel and batched matmul), and triton
+OP_BACKENDS = ["reference", "reference-math", "triton"]
 
 
 def make_mask(kind, B, T, b, seed=0):

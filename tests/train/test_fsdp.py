@@ -70,7 +70,7 @@ def test_fsdp_resume_matches_uninterrupted(tmp_path, text_dir):
     cfg4 = tiny_config(text_dir, tmp_path / "run", fsdp=True, max_steps=4, warmup=1, eval_iters=1)
     r0, _ = _spawn(cfg4, tmp_path, resume=str(tmp_path / "run" / "checkpoint"))
     # the same in one process: 2 steps, then resumed to 4 (the schedule then aims at step 4)
-    part = train(tiny_config(text_dir, tmp_path / "part", max_steps=2, warmup=1, eval_iters=1), log=lambda *a: None)
+    train(tiny_config(text_dir, tmp_path / "part", max_steps=2, warmup=1, eval_iters=1), log=lambda *a: None)
     res = train(tiny_config(text_dir, tmp_path / "part", max_steps=4, warmup=1, eval_iters=1),
                 resume=str(tmp_path / "part" / "checkpoint"), explicit={"max_steps"}, log=lambda *a: None)
     assert [h["step"] for h in r0["history"]] == [3, 4]
