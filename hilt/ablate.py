@@ -1,10 +1,21 @@
-"""``hilt ablate`` / ``python -m hilt.ablate``: GPT vs HILT vs BlockHierarchicalLM vs LFormer at a matched
-parameter count, on the same tokens, over a few seeds.
+"""``hilt ablate`` / ``python -m hilt.ablate``: GPT vs HILT vs BlockHierarchicalLM vs LFormer (and variants
+of them) at a matched parameter count or matched training FLOPs per token, on the same tokens, over seeds.
 
-How the models are matched
---------------------------
-GPT (``--d-model`` D, ``--n-layers`` L, 4 heads, d_ff 4·D) is the baseline; its parameter count is the
-target. Every other model keeps its architecture's shape and is re-sized to that target:
+Entries
+-------
+``--models`` is a comma-separated list of entries, each a model name optionally followed by overrides in
+brackets: ``"gpt,hilt,hilt[ilt_scale_start=1,ilt_scale_end=1],block[block_size=16]"`` (commas inside the
+brackets belong to the entry; :mod:`hilt.training.variants`). An override sets a model-config field (of
+that model's config class) or a training option (:class:`hilt.train.TrainConfig`; not the ones the
+ablation sets for every run: ``model``, ``out``, ``seed``, ``data``, ``device``, ...). Each entry keeps
+its text as its label (table, plot, JSON) and gets its own run folder ``<out>/<sanitized label>-seed<k>``.
+
+How the models are matched (``--match``)
+----------------------------------------
+GPT (``--d-model`` D, ``--n-layers`` L, 4 heads, d_ff 4·D) is the baseline; its parameter count
+(``--match params``, default) or its training FLOPs per token at ``--seq-len`` (``--match flops``,
+:func:`hilt.models.flops.flops_per_token`) is the target. Every other entry keeps its architecture's
+shape, with the entry's overrides applied first, and is re-sized to that target:
 
 * ``hilt``: L layers, ILTs with ``ilt_dim = d/2`` (at least 16), 2 ILT layers, ILT dropout 0;
 * ``block``: 2 block-local + 2 global + 2 block-local decoder layers, block 8;
@@ -12,19 +23,23 @@ target. Every other model keeps its architecture's shape and is re-sized to that
   LM head (``blend_into_lm``; without it the side path could not change the LM loss), no reasoning heads
   (so :func:`hilt.train.train` trains it as a plain LM: no phases, no reasoning rows).
 
-For each, the width ``d`` (a multiple of the head count) whose count (with d_ff = 4·d) is closest to the
-target is picked, then ``d_ff`` is solved for so that the count lands as close as possible (the count is
-linear in d_ff), within [2·d, 8·d]. Counts are unique parameters (tied embeddings once), computed on the
-meta device. The table shows each model's count and its difference to GPT's.
+For each, the width ``d`` (a multiple of the head count) whose measure (with d_ff = 4·d) is closest to the
+target is picked, then ``d_ff`` is solved for so that the measure lands as close as possible (both are
+linear in d_ff), within [2·d, 8·d]. Overriding ``d_model`` or ``d_ff`` is an error unless ``--match none``
+(every entry at the baseline's width, overrides as given). Parameter counts are unique parameters (tied
+embeddings once), computed on the meta device. Every entry's parameters and FLOPs per token are printed
+and tabled with their difference to GPT's.
 
 Same tokens: every run of one seed uses the same ``--batch-size``, ``--seq-len`` and sampler seed, so
 all models see the same batches in the same order (the seed also sets the initialisation); seeds are
-``0 .. --seeds - 1``. Each run is :func:`hilt.train.train` (the one training loop) into
-``<out>/<model>-seed<k>/``; evaluation every ``--eval-every`` steps on fixed val windows.
+``0 .. --seeds - 1``. Each run is :func:`hilt.train.train` (the one training loop); evaluation every
+``--eval-every`` steps on fixed val windows. A finished run leaves ``ablate_run.json`` in its folder;
+``--resume`` reuses those (when their settings match) instead of training again, so an interrupted
+ablation continues where it stopped.
 
-Outputs in ``--out`` (default ``runs/ablate-<YYYYmmdd-HHMMSS>``): ``ablation.md`` (model, shape,
-params, val bits/byte mean ± std over seeds, tokens/s), ``val_curves.png`` (val bits/byte against
-step, mean ± std band), ``results.json`` (everything, per run).
+Outputs in ``--out`` (default ``runs/ablate-<YYYYmmdd-HHMMSS>``): ``ablation.md`` (entry, shape, params,
+training FLOPs/token, val bits/byte mean ± std over seeds, tokens/s), ``val_curves.png`` (val bits/byte
+against step, mean ± std band), ``results.json`` (everything, per run).
 """
 from __future__ import annotations
 
@@ -35,18 +50,24 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
-__all__ = ["ABLATION_MODELS", "AblationConfig", "matched_model_configs", "count_parameters", "run_ablation",
-           "format_table", "build_parser", "main"]
+__all__ = ["ABLATION_MODELS", "MATCH_MODES", "AblationConfig", "Entry", "matched_model_configs", "size_entries",
+           "count_parameters", "count_flops", "run_ablation", "format_table", "build_parser", "main"]
 
 ABLATION_MODELS = ("gpt", "hilt", "block", "lformer")
+MATCH_MODES = ("params", "flops", "none")
 N_HEADS = 4
+# training options the ablation sets for every run: not overridable per entry
+RESERVED_TRAIN_FIELDS = ("model", "model_config", "out", "seed", "data", "device", "threads", "progress",
+                         "tensorboard", "plot", "sample_tokens", "cache_dir", "use_cache", "fsdp", "ckpt_every")
+# keys of a run's settings that may differ on --resume without making it a different run
+_RESUME_IGNORED = ("progress", "threads", "device", "out")
 
 
 @dataclasses.dataclass
 class AblationConfig:
-    models: tuple = ABLATION_MODELS
+    models: Union[tuple, str] = ABLATION_MODELS  # entry strings (or one --models string)
     steps: int = 300
     d_model: int = 128
     n_layers: int = 4
@@ -57,11 +78,32 @@ class AblationConfig:
     warmup: int = 30
     eval_every: int = 50
     eval_iters: int = 10
+    match: str = "params"
+    resume: bool = False
     data: Optional[str] = None
     out: Optional[str] = None
     device: str = "auto"
     threads: Optional[int] = None
     progress: bool = False
+
+
+@dataclasses.dataclass
+class Entry:
+    """One sized ``--models`` entry: its variant, model config (dict), training overrides, measures."""
+
+    variant: object  # hilt.training.variants.Variant
+    config: dict
+    train_overrides: dict
+    params: int
+    flops: float  # training FLOPs per token
+
+    @property
+    def label(self) -> str:
+        return self.variant.label
+
+    @property
+    def model(self) -> str:
+        return self.variant.model
 
 
 def count_parameters(model: str, config: dict) -> int:
@@ -70,6 +112,13 @@ def count_parameters(model: str, config: dict) -> int:
 
     m = build_model(model, config, device="meta")
     return sum(p.numel() for p in m.parameters())
+
+
+def count_flops(model: str, config: dict, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward matmuls) at ``seq_len``."""
+    from .models.flops import flops_per_token
+
+    return flops_per_token(model, config, seq_len).training
 
 
 def _shape(model: str, d: int, n_layers: int, seq_len: int) -> dict:
@@ -90,29 +139,98 @@ def _shape(model: str, d: int, n_layers: int, seq_len: int) -> dict:
     raise ValueError(f"unknown ablation model {model!r}; choose from {', '.join(ABLATION_MODELS)}")
 
 
-def matched_model_configs(models, d_model: int, n_layers: int, seq_len: int) -> tuple[dict, dict, int]:
-    """({model: config dict}, {model: params}, target): each model sized to GPT's parameter count."""
-    target = count_parameters("gpt", _shape("gpt", d_model, n_layers, seq_len))
-    configs, counts = {}, {}
-    for model in models:
-        if model == "gpt":
-            cfg = _shape("gpt", d_model, n_layers, seq_len)
+def _config_fields(model: str) -> set:
+    from .checkpoint import get_model_spec
+
+    return {f.name for f in dataclasses.fields(get_model_spec(model).config_class)}
+
+
+def _check_config(model: str, cfg: dict) -> None:
+    from .checkpoint import get_model_spec
+
+    get_model_spec(model).config_class.from_dict(dict(cfg))
+
+
+def _split(variant, match: str) -> tuple[dict, dict]:
+    """(model overrides, training overrides) of a variant, checked (a ValueError names the bad field)."""
+    from .train import TrainConfig
+    from .training.variants import split_overrides
+
+    model_over, train_over = split_overrides(variant, _config_fields(variant.model),
+                                             [f.name for f in dataclasses.fields(TrainConfig)],
+                                             RESERVED_TRAIN_FIELDS)
+    sized = [k for k in ("d_model", "d_ff") if k in model_over]
+    if sized and match != "none":
+        raise ValueError(f"--models entry {variant.label!r}: {' and '.join(sized)} cannot be overridden with "
+                         f"--match {match} (matching sets them); use --match none")
+    return model_over, train_over
+
+
+def size_entries(variants: list, d_model: int, n_layers: int, seq_len: int,
+                 match: str = "params") -> tuple[list, dict]:
+    """Size every variant to the GPT baseline (``--match``): returns ([Entry], target) where target is
+    ``{"params": int, "flops": float}`` of GPT at ``d_model`` / ``n_layers``."""
+    if match not in MATCH_MODES:
+        raise ValueError(f"--match must be one of {', '.join(MATCH_MODES)}, got {match!r}")
+    base = _shape("gpt", d_model, n_layers, seq_len)
+    target = {"params": count_parameters("gpt", base), "flops": count_flops("gpt", base, seq_len)}
+
+    def measure(model: str, cfg: dict) -> float:
+        return count_parameters(model, cfg) if match == "params" else count_flops(model, cfg, seq_len)
+
+    entries = []
+    for v in variants:
+        model_over, train_over = _split(v, match)
+        if match == "none" or (v.model == "gpt" and not model_over):
+            cfg = dict(_shape(v.model, d_model, n_layers, seq_len), **model_over)
+            try:
+                _check_config(v.model, cfg)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"--models entry {v.label!r}: {e}") from None
         else:
-            widths = range(N_HEADS * 2, 3 * d_model + 1, N_HEADS)
-            d = min(widths, key=lambda w: abs(count_parameters(model, _shape(model, w, n_layers, seq_len)) - target))
-            cfg = _shape(model, d, n_layers, seq_len)
-            # the count is linear in d_ff: solve for it from two points
-            a = count_parameters(model, dict(cfg, d_ff=4 * d))
-            b = count_parameters(model, dict(cfg, d_ff=4 * d + 1)) - a
-            if b > 0:
-                cfg["d_ff"] = int(min(8 * d, max(2 * d, round(4 * d + (target - a) / b))))
-        configs[model] = cfg
-        counts[model] = count_parameters(model, cfg)
-    return configs, counts, target
+            cfg = _sized(v, model_over, d_model, n_layers, seq_len, target[match], measure)
+        entries.append(Entry(v, cfg, train_over, count_parameters(v.model, cfg), count_flops(v.model, cfg, seq_len)))
+    return entries, target
+
+
+def _sized(v, model_over: dict, d_model: int, n_layers: int, seq_len: int, target: float, measure) -> dict:
+    """The config of ``v`` at the width (then d_ff) whose measure is closest to ``target``."""
+    heads = model_over.get("n_heads", N_HEADS)
+    step = heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else N_HEADS
+    best, best_err, first_error = None, None, None
+    for w in range(2 * step, 3 * d_model + 1, step):
+        cfg = dict(_shape(v.model, w, n_layers, seq_len), **model_over)
+        try:
+            _check_config(v.model, cfg)
+        except (ValueError, TypeError) as e:
+            first_error = first_error or e
+            continue
+        err = abs(measure(v.model, cfg) - target)
+        if best_err is None or err < best_err:
+            best, best_err = cfg, err
+    if best is None:
+        raise ValueError(f"--models entry {v.label!r}: no valid config at any width: {first_error}")
+    d = best["d_model"]
+    a = measure(v.model, dict(best, d_ff=4 * d))
+    b = measure(v.model, dict(best, d_ff=4 * d + 1)) - a  # the measure is linear in d_ff
+    if b > 0:
+        best["d_ff"] = int(min(8 * d, max(2 * d, round(4 * d + (target - a) / b))))
+    return best
+
+
+def matched_model_configs(models, d_model: int, n_layers: int, seq_len: int,
+                          match: str = "params") -> tuple[dict, dict, int]:
+    """({label: config dict}, {label: params}, GPT's params): each entry (a model name or a variant string)
+    sized to the GPT baseline by ``match``."""
+    from .training.variants import parse_variants
+
+    text = models if isinstance(models, str) else ",".join(models)
+    entries, target = size_entries(parse_variants(text, ABLATION_MODELS), d_model, n_layers, seq_len, match)
+    return {e.label: e.config for e in entries}, {e.label: e.params for e in entries}, target["params"]
 
 
 def _describe(model: str, cfg: dict) -> str:
-    d, ff = cfg["d_model"], cfg.get("d_ff", 4 * cfg["d_model"])
+    d, ff = cfg["d_model"], cfg.get("d_ff") or 4 * cfg["d_model"]
     if model == "block":
         return (f"d {d}, ff {ff}, {cfg['n_local_layers']}+{cfg['n_global_layers']}+{cfg['n_decoder_layers']} "
                 f"layers, block {cfg['block_size']}")
@@ -128,64 +246,113 @@ def _mean_std(xs: list) -> tuple[float, Optional[float]]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
+def _fmt_flops(x: float) -> str:
+    return f"{x / 1e6:.2f} M"
+
+
+def _settings(cfg) -> dict:
+    """A run's settings for the --resume comparison (JSON-normalised)."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_IGNORED}
+    return json.loads(json.dumps(d, default=str))
+
+
+def _load_finished(run_dir: Path, cfg) -> Optional[dict]:
+    """The stored result of a finished run whose settings equal ``cfg``'s; None when not finished; a
+    ValueError when the folder holds a run with other settings."""
+    path = run_dir / "ablate_run.json"
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    now = _settings(cfg)
+    diff = sorted(k for k in set(now) | set(stored.get("settings", {}))
+                  if now.get(k) != stored.get("settings", {}).get(k))
+    if diff:
+        raise ValueError(f"--resume: {run_dir} holds a finished run with other settings ({', '.join(diff)}); "
+                         f"use another --out or remove that folder")
+    return stored["result"]
+
+
 def run_ablation(ac: AblationConfig, log: Callable = print) -> dict:
-    """Train every model for every seed with :func:`hilt.train.train`; write the table, the plot and
+    """Train every entry for every seed with :func:`hilt.train.train`; write the table, the plot and
     results.json; return the results dict (``paths`` says where things went)."""
     from .train import TrainConfig, train
+    from .training.variants import parse_variants
 
-    unknown = [m for m in ac.models if m not in ABLATION_MODELS]
-    if unknown:
-        raise ValueError(f"unknown ablation model(s) {unknown}; choose from {', '.join(ABLATION_MODELS)}")
     if ac.steps < 1 or ac.seeds < 1:
         raise ValueError(f"--steps and --seeds must be >= 1, got {ac.steps}, {ac.seeds}")
+    text = ac.models if isinstance(ac.models, str) else ",".join(ac.models)
+    variants = parse_variants(text, ABLATION_MODELS)
+    entries, target = size_entries(variants, ac.d_model, ac.n_layers, ac.seq_len, ac.match)
     out = Path(ac.out) if ac.out else Path("runs") / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def train_config(e: Entry, seed: int) -> "TrainConfig":
+        base = dict(model=e.model, model_config=e.config, data=ac.data, out=str(out / f"{e.variant.dir_name}-seed{seed}"),
+                    device=ac.device, threads=ac.threads, seed=seed, batch_size=ac.batch_size, max_steps=ac.steps,
+                    warmup=min(ac.warmup, max(ac.steps - 1, 0)), lr=ac.lr, eval_every=ac.eval_every,
+                    eval_iters=ac.eval_iters, ckpt_every=0, progress=ac.progress, tensorboard=False, plot=False,
+                    sample_tokens=0, dtype="float32")
+        cfg = TrainConfig(**dict(base, **e.train_overrides))
+        try:
+            cfg.validate()
+        except ValueError as err:
+            raise ValueError(f"--models entry {e.label!r}: {err}") from None
+        return cfg
+
+    plan = [(seed, e, train_config(e, seed)) for seed in range(ac.seeds) for e in entries]  # checked up front
     out.mkdir(parents=True, exist_ok=True)
-    configs, counts, target = matched_model_configs(ac.models, ac.d_model, ac.n_layers, ac.seq_len)
-    log(f"hilt ablate: {len(ac.models)} models x {ac.seeds} seed(s), {ac.steps} steps of "
-        f"{ac.batch_size} x {ac.seq_len} tokens, into {out}/")
-    log(f"parameters (target: GPT d_model {ac.d_model}, {ac.n_layers} layers = {target:,}):")
-    for m in ac.models:
-        log(f"  {m:<8} {counts[m]:>10,}  ({(counts[m] - target) / target:+.1%})  {_describe(m, configs[m])}")
+    log(f"hilt ablate: {len(entries)} entries x {ac.seeds} seed(s), {ac.steps} steps of "
+        f"{ac.batch_size} x {ac.seq_len} tokens, matched by {ac.match}, into {out}/")
+    log(f"target: GPT d_model {ac.d_model}, {ac.n_layers} layers = {target['params']:,} parameters, "
+        f"{_fmt_flops(target['flops'])} training FLOPs/token at context {ac.seq_len}")
+    w = max(len(e.label) for e in entries)
+    for e in entries:
+        log(f"  {e.label:<{w}} {e.params:>11,} params ({(e.params - target['params']) / target['params']:+.1%})  "
+            f"{_fmt_flops(e.flops):>10} FLOPs/token ({(e.flops - target['flops']) / target['flops']:+.1%})  "
+            f"{_describe(e.model, e.config)}")
 
     runs = []
     t0 = time.perf_counter()
-    for seed in range(ac.seeds):
-        for m in ac.models:
-            run_dir = out / f"{m}-seed{seed}"
-            cfg = TrainConfig(model=m, model_config=configs[m], data=ac.data, out=str(run_dir), device=ac.device,
-                              threads=ac.threads, seed=seed, batch_size=ac.batch_size, max_steps=ac.steps,
-                              warmup=min(ac.warmup, max(ac.steps - 1, 0)), lr=ac.lr, eval_every=ac.eval_every,
-                              eval_iters=ac.eval_iters, ckpt_every=0, progress=ac.progress, tensorboard=False,
-                              plot=False, sample_tokens=0, dtype="float32")
-            res = train(cfg, log=lambda *a, **k: None)
-            tps = [r["tokens_per_s"] for r in res.history[1:] or res.history]
-            curve = [(r["step"], r["val_bpb"]) for r in res.history if r["val_bpb"] != ""]
-            runs.append({"model": m, "seed": seed, "val_bpb": res.val_bpb, "val_loss": res.val_loss,
-                         "tokens_per_s": statistics.median(tps), "seconds": res.seconds, "curve": curve,
-                         "dir": str(run_dir)})
-            log(f"  {m} seed {seed}: val bits/byte {res.val_bpb:.4f}, {statistics.median(tps):,.0f} tokens/s, "
-                f"{res.seconds:.0f} s")
+    for seed, e, cfg in plan:
+        run_dir = Path(cfg.out)
+        done = _load_finished(run_dir, cfg) if ac.resume else None
+        if done is not None:
+            runs.append(done)
+            log(f"  {e.label} seed {seed}: finished before (--resume), val bits/byte {done['val_bpb']:.4f}")
+            continue
+        res = train(cfg, log=lambda *a, **k: None)
+        tps = [r["tokens_per_s"] for r in res.history[1:] or res.history]
+        curve = [(r["step"], r["val_bpb"]) for r in res.history if r["val_bpb"] != ""]
+        run = {"label": e.label, "model": e.model, "seed": seed, "val_bpb": res.val_bpb, "val_loss": res.val_loss,
+               "tokens_per_s": statistics.median(tps), "seconds": res.seconds, "curve": curve, "dir": str(run_dir)}
+        (run_dir / "ablate_run.json").write_text(json.dumps({"settings": _settings(cfg), "result": run},
+                                                            indent=2, default=str) + "\n")
+        runs.append(run)
+        log(f"  {e.label} seed {seed}: val bits/byte {res.val_bpb:.4f}, {run['tokens_per_s']:,.0f} tokens/s, "
+            f"{res.seconds:.0f} s")
     wall = time.perf_counter() - t0
 
     rows = []
-    for m in ac.models:
-        mine = [r for r in runs if r["model"] == m]
+    for e in entries:
+        mine = [r for r in runs if r["label"] == e.label]
         bpb, bpb_std = _mean_std([r["val_bpb"] for r in mine])
         tps, _ = _mean_std([r["tokens_per_s"] for r in mine])
-        rows.append({"model": m, "shape": _describe(m, configs[m]), "params": counts[m],
-                     "params_vs_gpt": (counts[m] - target) / target, "val_bpb_mean": bpb, "val_bpb_std": bpb_std,
-                     "tokens_per_s": tps, "config": configs[m]})
+        rows.append({"label": e.label, "model": e.model, "overrides": e.variant.override_dict,
+                     "train_overrides": e.train_overrides, "shape": _describe(e.model, e.config),
+                     "params": e.params, "params_vs_gpt": (e.params - target["params"]) / target["params"],
+                     "flops_per_token": e.flops, "flops_vs_gpt": (e.flops - target["flops"]) / target["flops"],
+                     "val_bpb_mean": bpb, "val_bpb_std": bpb_std, "n_seeds": len(mine), "tokens_per_s": tps,
+                     "config": e.config})
     paths = {"table": out / "ablation.md", "plot": out / "val_curves.png", "results": out / "results.json"}
     table = format_table(rows, ac)
     paths["table"].write_text(table)
     try:
-        _plot_curves(runs, ac.models, paths["plot"], ac)
-    except Exception as e:  # noqa: BLE001 - a plot is never worth losing the table
-        log(f"(could not draw the plot: {e})")
+        _plot_curves(runs, [e.label for e in entries], paths["plot"], ac)
+    except Exception as err:  # noqa: BLE001 - a plot is never worth losing the table
+        log(f"(could not draw the plot: {err})")
         paths.pop("plot")
-    results = {"config": dataclasses.asdict(ac), "target_params": target, "rows": rows, "runs": runs,
-               "wall_seconds": wall, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "paths": {k: str(v) for k, v in paths.items()}}
+    results = {"config": dataclasses.asdict(ac), "target_params": target["params"],
+               "target_flops_per_token": target["flops"], "rows": rows, "runs": runs, "wall_seconds": wall,
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "paths": {k: str(v) for k, v in paths.items()}}
     paths["results"].write_text(json.dumps(results, indent=2, default=str) + "\n")
     log("\n" + table)
     log(f"ablation done in {wall:.0f} s:")
@@ -195,40 +362,44 @@ def run_ablation(ac: AblationConfig, log: Callable = print) -> dict:
 
 
 def format_table(rows: list, ac: AblationConfig) -> str:
+    how = {"params": "parameters matched to", "flops": "training FLOPs per token matched to",
+           "none": "no matching; baseline"}[ac.match]
     head = (f"Val bits/byte after {ac.steps} steps of {ac.batch_size} x {ac.seq_len} bytes (same batches for every "
-            f"model), mean ± std over {ac.seeds} seed(s); parameters matched to GPT d_model {ac.d_model}, "
-            f"{ac.n_layers} layers.\n\n")
-    lines = ["| model | shape | params | vs GPT | val bits/byte | tokens/s |", "|---|---|---:|---:|---:|---:|"]
+            f"model), mean ± std over {ac.seeds} seed(s); {how} GPT d_model {ac.d_model}, {ac.n_layers} layers. "
+            f"FLOPs: training (3 × forward matmuls) per token at context {ac.seq_len}.\n\n")
+    lines = ["| model | shape | params | vs GPT | FLOPs/token | vs GPT | val bits/byte | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        std = f" ± {r['val_bpb_std']:.4f}" if r["val_bpb_std"] is not None else " (1 seed)"
-        lines.append(f"| {r['model']} | {r['shape']} | {r['params']:,} | {r['params_vs_gpt']:+.1%} | "
+        std = f" ± {r['val_bpb_std']:.4f}" if r["val_bpb_std"] is not None else f" ({r.get('n_seeds', 1)} seed)"
+        lines.append(f"| {r['label']} | {r['shape']} | {r['params']:,} | {r['params_vs_gpt']:+.1%} | "
+                     f"{_fmt_flops(r['flops_per_token'])} | {r['flops_vs_gpt']:+.1%} | "
                      f"{r['val_bpb_mean']:.4f}{std} | {r['tokens_per_s']:,.0f} |")
     return head + "\n".join(lines) + "\n"
 
 
-def _plot_curves(runs: list, models, path: Path, ac: AblationConfig) -> None:
+def _plot_curves(runs: list, labels, path: Path, ac: AblationConfig) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for m in models:
-        curves = [dict(r["curve"]) for r in runs if r["model"] == m]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for label in labels:
+        curves = [dict(map(tuple, r["curve"])) for r in runs if r["label"] == label]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
         mean = [statistics.fmean(c[s] for c in curves) for s in steps]
-        line, = ax.plot(steps, mean, "o-", lw=1.5, ms=3, label=m)
+        line, = ax.plot(steps, mean, "o-", lw=1.5, ms=3, label=label)
         if len(curves) > 1:
             std = [statistics.stdev(c[s] for c in curves) for s in steps]
             ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                             color=line.get_color(), alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel("val bits per byte")
-    ax.set_title(f"matched-parameter ablation ({ac.seeds} seed(s))")
+    ax.set_title(f"ablation, matched {ac.match}, context {ac.seq_len} ({ac.seeds} seed(s))")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -237,16 +408,25 @@ def _plot_curves(runs: list, models, path: Path, ac: AblationConfig) -> None:
 def build_parser(prog: str = "hilt ablate") -> argparse.ArgumentParser:
     D = AblationConfig()
     p = argparse.ArgumentParser(
-        prog=prog, description="Train GPT, HILT, BlockHierarchicalLM and LFormer at a matched parameter count on "
-                               "the same tokens (the standard library corpus by default) and compare val bits/byte. "
+        prog=prog, description="Train GPT, HILT, BlockHierarchicalLM and LFormer (and variants of them) at a matched "
+                               "parameter count or matched training FLOPs per token on the same tokens (the standard "
+                               "library corpus by default) and compare val bits/byte. "
                                f"The defaults ({len(D.models)} models x {D.seeds} seed, {D.steps} steps of {D.batch_size} x "
                                f"{D.seq_len} bytes) take about 6 minutes on an idle 2-core CPU (longer on a busy one).")
     p.add_argument("--models", default=",".join(D.models),
-                   help=f"comma-separated subset of {','.join(ABLATION_MODELS)} (default: all)")
+                   help=f"comma-separated entries: a model ({','.join(ABLATION_MODELS)}) optionally with overrides of "
+                        "model-config fields or training options in brackets, e.g. "
+                        "\"gpt,hilt,hilt[ilt_scale_start=1,ilt_scale_end=1],block[block_size=16]\" (quote it; "
+                        "default: the four models)")
+    p.add_argument("--match", choices=MATCH_MODES, default=D.match,
+                   help="size the non-GPT entries to GPT's parameter count (params), its training FLOPs per token "
+                        "(flops), or not at all (none: every entry at --d-model) (default: params)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs already finished in --out (same settings) instead of training them again")
     p.add_argument("--steps", type=int, default=D.steps, help=f"optimizer steps per run (default: {D.steps})")
     p.add_argument("--d-model", type=int, default=D.d_model, help=f"GPT baseline width (default: {D.d_model})")
     p.add_argument("--n-layers", type=int, default=D.n_layers, help=f"GPT baseline depth (default: {D.n_layers})")
-    p.add_argument("--seeds", type=int, default=D.seeds, help=f"seeds 0..N-1 per model (default: {D.seeds})")
+    p.add_argument("--seeds", type=int, default=D.seeds, help=f"seeds 0..N-1 per entry (default: {D.seeds})")
     p.add_argument("--batch-size", type=int, default=D.batch_size, help=f"sequences per step (default: {D.batch_size})")
     p.add_argument("--seq-len", type=int, default=D.seq_len, help=f"context length (default: {D.seq_len})")
     p.add_argument("--lr", type=float, default=D.lr, help=f"peak learning rate (default: {D.lr:g})")
@@ -262,12 +442,11 @@ def build_parser(prog: str = "hilt ablate") -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None, prog: str = "hilt ablate") -> int:
     args = build_parser(prog).parse_args(argv)
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    ac = AblationConfig(models=models, steps=args.steps, d_model=args.d_model, n_layers=args.n_layers,
+    ac = AblationConfig(models=args.models, steps=args.steps, d_model=args.d_model, n_layers=args.n_layers,
                         seeds=args.seeds, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                         warmup=min(AblationConfig.warmup, max(1, args.steps // 10)), eval_every=args.eval_every,
-                        eval_iters=args.eval_iters, data=args.data, out=args.out, device=args.device,
-                        threads=args.threads, progress=args.progress)
+                        eval_iters=args.eval_iters, match=args.match, resume=args.resume, data=args.data,
+                        out=args.out, device=args.device, threads=args.threads, progress=args.progress)
     try:
         run_ablation(ac)
     except ValueError as e:
