@@ -35,7 +35,8 @@ all models see the same batches in the same order (the seed also sets the initia
 ``0 .. --seeds - 1``. Each run is :func:`hilt.train.train` (the one training loop); evaluation every
 ``--eval-every`` steps on fixed val windows. A finished run leaves ``ablate_run.json`` in its folder;
 ``--resume`` reuses those (when their settings match) instead of training again, so an interrupted
-ablation continues where it stopped.
+ablation continues where it stopped; ``--report-only`` trains nothing and tables the finished runs only
+(the ``seeds`` column says how many each row has).
 
 Outputs in ``--out`` (default ``runs/ablate-<YYYYmmdd-HHMMSS>``): ``ablation.md`` (entry, shape, params,
 training FLOPs/token, val bits/byte mean ± std over seeds, tokens/s), ``val_curves.png`` (val bits/byte
@@ -80,6 +81,7 @@ class AblationConfig:
     eval_iters: int = 10
     match: str = "params"
     resume: bool = False
+    report_only: bool = False
     data: Optional[str] = None
     out: Optional[str] = None
     device: str = "auto"
@@ -314,10 +316,13 @@ def run_ablation(ac: AblationConfig, log: Callable = print) -> dict:
     t0 = time.perf_counter()
     for seed, e, cfg in plan:
         run_dir = Path(cfg.out)
-        done = _load_finished(run_dir, cfg) if ac.resume else None
+        done = _load_finished(run_dir, cfg) if ac.resume or ac.report_only else None
         if done is not None:
             runs.append(done)
-            log(f"  {e.label} seed {seed}: finished before (--resume), val bits/byte {done['val_bpb']:.4f}")
+            log(f"  {e.label} seed {seed}: finished before, val bits/byte {done['val_bpb']:.4f}")
+            continue
+        if ac.report_only:
+            log(f"  {e.label} seed {seed}: not finished (--report-only: left out)")
             continue
         res = train(cfg, log=lambda *a, **k: None)
         tps = [r["tokens_per_s"] for r in res.history[1:] or res.history]
@@ -365,15 +370,18 @@ def format_table(rows: list, ac: AblationConfig) -> str:
     how = {"params": "parameters matched to", "flops": "training FLOPs per token matched to",
            "none": "no matching; baseline"}[ac.match]
     head = (f"Val bits/byte after {ac.steps} steps of {ac.batch_size} x {ac.seq_len} bytes (same batches for every "
-            f"model), mean ± std over {ac.seeds} seed(s); {how} GPT d_model {ac.d_model}, {ac.n_layers} layers. "
+            f"model), mean ± std over the seeds (of 0..{ac.seeds - 1}) that ran; {how} GPT d_model {ac.d_model}, {ac.n_layers} layers. "
             f"FLOPs: training (3 × forward matmuls) per token at context {ac.seq_len}.\n\n")
-    lines = ["| model | shape | params | vs GPT | FLOPs/token | vs GPT | val bits/byte | tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | shape | params | vs GPT | FLOPs/token | vs GPT | val bits/byte | seeds | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        std = f" ± {r['val_bpb_std']:.4f}" if r["val_bpb_std"] is not None else f" ({r.get('n_seeds', 1)} seed)"
+        if not r["n_seeds"]:
+            bpb, tps = "not run", "-"
+        else:
+            bpb = f"{r['val_bpb_mean']:.4f}" + (f" ± {r['val_bpb_std']:.4f}" if r["val_bpb_std"] is not None else "")
+            tps = f"{r['tokens_per_s']:,.0f}"
         lines.append(f"| {r['label']} | {r['shape']} | {r['params']:,} | {r['params_vs_gpt']:+.1%} | "
-                     f"{_fmt_flops(r['flops_per_token'])} | {r['flops_vs_gpt']:+.1%} | "
-                     f"{r['val_bpb_mean']:.4f}{std} | {r['tokens_per_s']:,.0f} |")
+                     f"{_fmt_flops(r['flops_per_token'])} | {r['flops_vs_gpt']:+.1%} | {bpb} | {r['n_seeds']} | {tps} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -423,6 +431,8 @@ def build_parser(prog: str = "hilt ablate") -> argparse.ArgumentParser:
                         "(flops), or not at all (none: every entry at --d-model) (default: params)")
     p.add_argument("--resume", action="store_true",
                    help="reuse runs already finished in --out (same settings) instead of training them again")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: build the table, plot and JSON from the runs already finished in --out")
     p.add_argument("--steps", type=int, default=D.steps, help=f"optimizer steps per run (default: {D.steps})")
     p.add_argument("--d-model", type=int, default=D.d_model, help=f"GPT baseline width (default: {D.d_model})")
     p.add_argument("--n-layers", type=int, default=D.n_layers, help=f"GPT baseline depth (default: {D.n_layers})")
@@ -445,7 +455,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "hilt ablate") -> int:
     ac = AblationConfig(models=args.models, steps=args.steps, d_model=args.d_model, n_layers=args.n_layers,
                         seeds=args.seeds, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                         warmup=min(AblationConfig.warmup, max(1, args.steps // 10)), eval_every=args.eval_every,
-                        eval_iters=args.eval_iters, match=args.match, resume=args.resume, data=args.data,
+                        eval_iters=args.eval_iters, match=args.match, resume=args.resume,
+                        report_only=args.report_only, data=args.data,
                         out=args.out, device=args.device, threads=args.threads, progress=args.progress)
     try:
         run_ablation(ac)

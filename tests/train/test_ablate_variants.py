@@ -144,10 +144,18 @@ def test_smoke_ablation_with_a_variant_through_the_cli(tmp_path, text_dir, capsy
     # --resume: nothing is trained again, the table is rebuilt from the finished runs
     stamps = {d: (out / d / "metrics.csv").stat().st_mtime_ns for d in dirs}
     assert cli_main(args + ["--resume"]) == 0
-    assert "finished before (--resume)" in capsys.readouterr().out
+    assert "finished before" in capsys.readouterr().out
     assert {d: (out / d / "metrics.csv").stat().st_mtime_ns for d in dirs} == stamps
     again = json.loads((out / "results.json").read_text())
     assert [r["val_bpb"] for r in again["runs"]] == [r["val_bpb"] for r in results["runs"]]
+    # --report-only: tables what finished, trains nothing
+    (out / "gpt-seed0" / "ablate_run.json").unlink()
+    assert cli_main(args + ["--report-only"]) == 0
+    assert "gpt seed 0: not finished" in capsys.readouterr().out
+    assert {d: (out / d / "metrics.csv").stat().st_mtime_ns for d in dirs} == stamps
+    report = json.loads((out / "results.json").read_text())
+    assert [r["n_seeds"] for r in report["rows"]] == [0, 1, 1] and len(report["runs"]) == 2
+    assert "| gpt | " in (out / "ablation.md").read_text() and "| not run | 0 |" in (out / "ablation.md").read_text()
     # a finished run with other settings is not silently reused
     changed = list(args)
     changed[changed.index("--steps") + 1] = "3"
