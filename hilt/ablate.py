@@ -35,7 +35,8 @@ all models see the same batches in the same order (the seed also sets the initia
 ``0 .. --seeds - 1``. Each run is :func:`hilt.train.train` (the one training loop); evaluation every
 ``--eval-every`` steps on fixed val windows. A finished run leaves ``ablate_run.json`` in its folder;
 ``--resume`` reuses those (when their settings match) instead of training again, so an interrupted
-ablation continues where it stopped; ``--report-only`` trains nothing and tables the finished runs only
+ablation continues where it stopped (several processes with ``--resume`` on one ``--out`` share the
+runs: each claims a run with a ``<run folder>.lock``); ``--report-only`` trains nothing and tables the finished runs only
 (the ``seeds`` column says how many each row has).
 
 Outputs in ``--out`` (default ``runs/ablate-<YYYYmmdd-HHMMSS>``): ``ablation.md`` (entry, shape, params,
@@ -274,6 +275,33 @@ def _load_finished(run_dir: Path, cfg) -> Optional[dict]:
     return stored["result"]
 
 
+def _claim(run_dir: Path) -> Optional[Path]:
+    """With --resume, several processes may work through one --out: a run is claimed by creating
+    ``<run_dir>.lock`` holding the pid. Returns the lock path, or None when a live process holds it
+    (a lock left by a dead process is taken over)."""
+    import os
+
+    lock = run_dir.parent / (run_dir.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None  # alive
+            except ProcessLookupError:
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+            except (ValueError, PermissionError, FileNotFoundError):
+                return None
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
+
+
 def run_ablation(ac: AblationConfig, log: Callable = print) -> dict:
     """Train every entry for every seed with :func:`hilt.train.train`; write the table, the plot and
     results.json; return the results dict (``paths`` says where things went)."""
@@ -324,7 +352,15 @@ def run_ablation(ac: AblationConfig, log: Callable = print) -> dict:
         if ac.report_only:
             log(f"  {e.label} seed {seed}: not finished (--report-only: left out)")
             continue
-        res = train(cfg, log=lambda *a, **k: None)
+        lock = _claim(run_dir) if ac.resume else None
+        if ac.resume and lock is None:
+            log(f"  {e.label} seed {seed}: being trained by another process (--resume: left out here)")
+            continue
+        try:
+            res = train(cfg, log=lambda *a, **k: None)
+        finally:
+            if lock is not None:
+                lock.unlink(missing_ok=True)
         tps = [r["tokens_per_s"] for r in res.history[1:] or res.history]
         curve = [(r["step"], r["val_bpb"]) for r in res.history if r["val_bpb"] != ""]
         run = {"label": e.label, "model": e.model, "seed": seed, "val_bpb": res.val_bpb, "val_loss": res.val_loss,

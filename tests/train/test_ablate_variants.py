@@ -167,3 +167,18 @@ def test_cli_rejects_a_bad_variant(tmp_path, capsys):
     assert cli_main(["ablate", "--models", "gpt,block[blocksize=4]", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "blocksize" in err and "block[blocksize=4]" in err
+
+
+def test_resume_lock_claims_a_run_once_and_takes_over_stale_locks(tmp_path):
+    import subprocess
+    import sys
+
+    from hilt.ablate import _claim
+
+    run = tmp_path / "gpt-seed0"
+    lock = _claim(run)
+    assert lock == tmp_path / "gpt-seed0.lock" and lock.read_text() == str(__import__("os").getpid())
+    assert _claim(run) is None  # held by a live process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # a process that has exited
+    assert _claim(run) == lock and lock.read_text() == str(__import__("os").getpid())
