@@ -356,6 +356,10 @@ def run_ablation(ac: AblationConfig, log: Callable = print) -> dict:
         if ac.resume and lock is None:
             log(f"  {e.label} seed {seed}: being trained by another process (--resume: left out here)")
             continue
+        if lock is not None and (run_dir / "ablate_run.json").exists():  # finished while we were claiming
+            lock.unlink(missing_ok=True)
+            runs.append(_load_finished(run_dir, cfg))
+            continue
         try:
             res = train(cfg, log=lambda *a, **k: None)
         finally:
