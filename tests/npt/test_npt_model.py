@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import hilt
-from hilt.checkpoint import get_model_spec, save_checkpoint
+from hilt.training.checkpoint import get_model_spec, save_checkpoint
 from hilt.generate import generate
 from hilt.models import Llama, LlamaConfig, NPTLayer, convert_to_npt, freeze_base
 from hilt.models import npt as N
