@@ -10,7 +10,7 @@ target. Every other model keeps its architecture's shape and is re-sized to that
 * ``block``: 2 block-local + 2 global + 2 block-local decoder layers, block 8;
 * ``lformer``: L layers, a token-wise EMA side path (``d_side = d/2``, a tap per layer) blended into the
   LM head (``blend_into_lm``; without it the side path could not change the LM loss), no reasoning heads
-  (so :func:`hilt.train.train` trains it as a plain LM: no phases, no reasoning rows).
+  (so :func:`hilt.training.loop.train` trains it as a plain LM: no phases, no reasoning rows).
 
 For each, the width ``d`` (a multiple of the head count) whose count (with d_ff = 4·d) is closest to the
 target is picked, then ``d_ff`` is solved for so that the count lands as close as possible (the count is
@@ -19,7 +19,7 @@ meta device. The table shows each model's count and its difference to GPT's.
 
 Same tokens: every run of one seed uses the same ``--batch-size``, ``--seq-len`` and sampler seed, so
 all models see the same batches in the same order (the seed also sets the initialisation); seeds are
-``0 .. --seeds - 1``. Each run is :func:`hilt.train.train` (the one training loop) into
+``0 .. --seeds - 1``. Each run is :func:`hilt.training.loop.train` (the one training loop) into
 ``<out>/<model>-seed<k>/``; evaluation every ``--eval-every`` steps on fixed val windows.
 
 Outputs in ``--out`` (default ``runs/ablate-<YYYYmmdd-HHMMSS>``): ``ablation.md`` (model, shape,
@@ -129,7 +129,7 @@ def _mean_std(xs: list) -> tuple[float, Optional[float]]:
 
 
 def run_ablation(ac: AblationConfig, log: Callable = print) -> dict:
-    """Train every model for every seed with :func:`hilt.train.train`; write the table, the plot and
+    """Train every model for every seed with :func:`hilt.training.loop.train`; write the table, the plot and
     results.json; return the results dict (``paths`` says where things went)."""
     from .config import TrainConfig
     from .loop import train

@@ -282,7 +282,7 @@ def resolve_phases(cfg):
 
 
 class LFormerTraining:
-    """The L-Former hook of :func:`hilt.train.train`: :meth:`set_phase` at each step (freezing),
+    """The L-Former hook of :func:`hilt.training.loop.train`: :meth:`set_phase` at each step (freezing),
     :meth:`mix` appends reasoning rows to each micro-batch, :meth:`evaluate` gives the head metrics."""
 
     def __init__(self, cfg, model: nn.Module, seq_len: int, device, rank: int = 0, world_size: int = 1,

@@ -17,8 +17,12 @@ freeze the base, and train only the NP weights:
    val bits/byte of teacher and student before training, every ``--eval-every`` steps and at the end;
 5. the NP weights only, as safetensors (atomic), ``np_weights.safetensors``; ``summary.json``.
 
+It reuses the parts of ``hilt train``: processes and devices (:mod:`.distributed`), the corpus and sampler
+(:mod:`.data`), the LR schedule (:mod:`.schedule`), the run folder (:mod:`.logging`) and the CLI wrapper
+(:mod:`.cli`); only the teacher-scaffolded step, its loss and the fidelity evaluation are its own.
+
 Several processes: ``torchrun --nproc_per_node=N -m hilt.npt_train ...``: DDP over the NP weights; each rank
-reads its own shard of every global batch (:class:`hilt.data.BatchSampler`), so no data is duplicated.
+reads its own shard of every global batch (:class:`hilt.training.data.BatchSampler`), so no data is duplicated.
 """
 from __future__ import annotations
 
@@ -35,7 +39,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -47,6 +50,7 @@ from .config import TrainingError
 from .data import BatchSampler, eval_batches, load_corpus
 from .distributed import Dist, all_reduce, cpu_threads, rank0_first, resolve_device, setup_distributed, wrap_model
 from .evaluate import LN2
+from .logging import new_run_dir
 from .schedule import WarmupCosine
 
 __all__ = ["STAGES", "Stage", "CurriculumError", "parse_curriculum", "stage_at", "parse_layer_weights",
@@ -334,11 +338,8 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
 
     # data
     data = cfg.data if cfg.data is not None else (state.get("train_config") or {}).get("data")
-    if d.enabled and not d.master:
-        dist.barrier()
-    corpus = load_corpus(data, use_cache=cfg.use_cache)
-    if d.enabled and d.master:
-        dist.barrier()
+    with rank0_first(d):  # rank 0 builds the token cache
+        corpus = load_corpus(data, use_cache=cfg.use_cache)
     sampler = make_sampler(corpus.train, cfg, seq_len, d, device)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
@@ -349,20 +350,10 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
                                   lr=cfg.lr, betas=(0.9, 0.95))
     schedule = WarmupCosine(optimizer, cfg.lr, cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
                             cfg.warmup, max_steps)
-    scaffold: nn.Module = NPTScaffold(model)
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        scaffold = DDP(scaffold, device_ids=[device.index] if device.type == "cuda" else None)
+    scaffold, _ = wrap_model(NPTScaffold(model), compile=False, ddp=d.enabled, device=device)
 
     # output
-    if cfg.out is not None:
-        out = Path(cfg.out)
-    else:
-        name = [f"npt-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if d.enabled:
-            dist.broadcast_object_list(name, src=0)
-        out = Path("runs") / name[0]
+    out = new_run_dir(cfg.out, "npt", d)
     paths = {"csv": out / "metrics.csv", "weights": out / "np_weights.safetensors", "summary": out / "summary.json",
              "config": out / "npt_config.json"}
     fields = _csv_fields(layers, cfg.num_ranks)
