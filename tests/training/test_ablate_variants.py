@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hilt.ablate import ABLATION_MODELS, count_flops, count_parameters, size_entries
+from hilt.training.ablate import ABLATION_MODELS, count_flops, count_parameters, size_entries
 from hilt.cli import main as cli_main
 from hilt.training.variants import Variant, parse_value, parse_variants, run_dir_name, split_top_level
 
@@ -173,7 +173,7 @@ def test_resume_lock_claims_a_run_once_and_takes_over_stale_locks(tmp_path):
     import subprocess
     import sys
 
-    from hilt.ablate import _claim
+    from hilt.training.ablate import _claim
 
     run = tmp_path / "gpt-seed0"
     lock = _claim(run)
