@@ -12,7 +12,8 @@
 - ``checkpoint.py``: the checkpoint folder format, ``load``; ``resume.py``: a run's checkpoints and resuming
 - ``logging.py``: the run folder, metrics.csv, TensorBoard, progress bar, loss plot, sample
 - ``lformer.py``: the L-Former phases, synthetic reasoning data and head metrics
-- ``npt.py``: ``train_npt()`` (``hilt npt-train``); ``ablate.py``: ``hilt ablate``
+- ``npt.py``: ``train_npt()`` (``hilt npt-train``); ``ablate.py``: ``hilt ablate``;
+  ``variants.py``: its ``--models`` entries (``hilt[ilt_scale_start=1],block[block_size=16]``)
 
 Import the module you need (``from hilt.training.loop import train``); this package imports nothing itself.
 """
