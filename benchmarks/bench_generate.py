@@ -104,6 +104,35 @@ def decode_cell(models: dict, context: int, batch: int, new_tokens: int, prefill
 
 
 @torch.no_grad()
+def scaling_cell(kind: str, config: dict, contexts: list, batch: int, new_tokens: int, prefill_chunk: int) -> dict:
+    """One model type at several contexts, decoded **interleaved step by step across the contexts** (so the
+    context scaling is not confounded by the machine's load drifting between cells)."""
+    models = {}
+    for ctx in contexts:
+        torch.manual_seed(0)
+        models[ctx] = build_model(kind, dict(config, max_seq_len=ctx)).eval()
+    g = torch.Generator().manual_seed(0)
+    caches, nxt, res = {}, {}, {}
+    for ctx, m in models.items():
+        prompt = torch.randint(0, 256, (batch, max(1, ctx - 256)), generator=g)
+        cache = m.init_cache(batch)
+        t0 = time.perf_counter()
+        for s in range(0, prompt.shape[1], prefill_chunk):
+            logits = m.forward_step(prompt[:, s:s + prefill_chunk], cache).logits
+        res[ctx] = {"prefill_s": time.perf_counter() - t0, "decode_s": 0.0, "cache_bytes": cache_bytes(cache)}
+        caches[ctx], nxt[ctx] = cache, logits[:, -1:].argmax(-1)
+    keys = list(models)
+    for step in range(new_tokens):
+        for ctx in keys[step % len(keys):] + keys[:step % len(keys)]:
+            t0 = time.perf_counter()
+            nxt[ctx] = models[ctx].forward_step(nxt[ctx], caches[ctx]).logits[:, -1:].argmax(-1)
+            res[ctx]["decode_s"] += time.perf_counter() - t0
+    for r in res.values():
+        r["tokens_per_s"] = batch * new_tokens / r["decode_s"]
+    return res
+
+
+@torch.no_grad()
 def uncached_cell(models: dict, context: int, batch: int, steps: int) -> dict:
     """``model(window)`` over a full context window, ``steps`` times per model, interleaved; median."""
     g = torch.Generator().manual_seed(1)
@@ -190,8 +219,8 @@ def markdown(results: dict) -> str:
              f"Machine: {tm.environment_line(results['env'])}; {results['env']['threads']} thread(s). "
              "**The 2-core CPU was shared with other agents' jobs while this ran**: absolute numbers are noisy; "
              "the models were interleaved step by step, so the ratios are the meaningful part.", "",
-             f"Models (RoPE, matched at 4k to GPT's {results['target_params']:,} parameters by the ablation's "
-             "matcher):", ""]
+             f"Models (RoPE, matched at context {results['match_context']} to GPT's {results['target_params']:,} "
+             "parameters by the ablation's matcher):", ""]
     for m in results["models"]:
         lines.append(f"- {NAMES[m]}: {results['params'][m]:,} parameters, {json.dumps(results['configs'][m])}")
     lines += ["", f"Prompt = context - 256 tokens (prefilled, timed apart), {results['new_tokens']} new tokens "
@@ -211,6 +240,15 @@ def markdown(results: dict) -> str:
     lines += [tm.markdown_table(header, rows), ""]
     if results.get("summary"):
         lines += ["Summary:", ""] + [f"- {k}: {v}" for k, v in results["summary"].items()] + [""]
+    for kind, sc in results.get("scaling", {}).items():
+        ctxs = sorted(sc["contexts"], key=int)
+        base = sc["contexts"][ctxs[0]]["tokens_per_s"]
+        lines += [f"Context scaling of {NAMES[kind]} (batch {sc['batch']}, the contexts decoded interleaved step by "
+                  "step):", "",
+                  tm.markdown_table(["context", "decode tok/s", f"vs {ctxs[0]}", "cache MiB"],
+                                    [[c, tm.fmt(sc["contexts"][c]["tokens_per_s"]),
+                                      f"{sc['contexts'][c]['tokens_per_s'] / base:.2f}x",
+                                      tm.fmt(sc["contexts"][c]["cache_bytes"] / 2**20)] for c in ctxs]), ""]
     hp = results.get("hilt_protocol")
     if hp:
         med = hp["median_tokens_per_s"]
@@ -247,7 +285,7 @@ def summarize(results: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
+    p.add_argument("--contexts", type=int, nargs="*", default=[1024, 4096, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--d-model", type=int, default=256)
@@ -259,6 +297,10 @@ def main(argv=None) -> int:
     p.add_argument("--uncached-batches", type=int, nargs="*", default=[1])
     p.add_argument("--uncached-steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--scaling-models", nargs="*", default=["block", "gpt"], choices=MODELS,
+                   help="models whose context scaling is measured interleaved across --scaling-contexts")
+    p.add_argument("--scaling-contexts", type=int, nargs="+", default=[1024, 4096, 8192])
+    p.add_argument("--scaling-batch", type=int, default=16)
     p.add_argument("--no-hilt-protocol", action="store_true")
     p.add_argument("--hilt-runs", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (d_model 64, contexts 512/1024, 16 new tokens)")
@@ -268,12 +310,14 @@ def main(argv=None) -> int:
     if a.quick:
         a.d_model, a.contexts, a.batches, a.new_tokens, a.match_context = 64, [512, 1024], [1, 2], 16, 1024
         a.uncached_contexts, a.hilt_runs = [512], 2
+        a.scaling_contexts, a.scaling_batch = [512, 1024], 2
         a.tag = a.tag if a.tag != "generate_cpu" else "generate_cpu_quick"
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     configs, counts, target = matched_configs(a.d_model, a.n_layers, a.match_context)
     results = {"tag": a.tag, "env": tm.environment("cpu"), "models": a.models, "configs": {m: configs[m] for m in a.models},
                "params": {m: counts[m] for m in a.models}, "target_params": target, "new_tokens": a.new_tokens,
+               "match_context": a.match_context,
                "prefill_chunk": a.prefill_chunk, "cells": [], "shared_machine": True}
     print(f"params: {results['params']} (target {target:,})", flush=True)
     for context in a.contexts:
@@ -293,6 +337,12 @@ def main(argv=None) -> int:
                 for m, r in cell["cached"].items()), flush=True)
             results["summary"] = summarize(results)
             _write(results, a.out, a.tag)
+    for kind in a.scaling_models:
+        res = scaling_cell(kind, configs[kind], a.scaling_contexts, a.scaling_batch, a.new_tokens, a.prefill_chunk)
+        results.setdefault("scaling", {})[kind] = {"batch": a.scaling_batch, "contexts": res}
+        print(f"scaling {kind} batch {a.scaling_batch}: " + ", ".join(
+            f"{c}: {r['tokens_per_s']:.0f} tok/s" for c, r in res.items()), flush=True)
+        _write(results, a.out, a.tag)
     if not a.no_hilt_protocol:
         results["hilt_protocol"] = hilt_protocol(a.hilt_runs)
         print("HILT protocol:", json.dumps({k: results["hilt_protocol"][k] for k in
