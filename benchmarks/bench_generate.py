@@ -237,7 +237,8 @@ def markdown(results: dict) -> str:
                          f"{r['tokens_per_s'] / g['tokens_per_s']:.2f}x", tm.fmt(r["prefill_s"]),
                          tm.fmt(r["cache_bytes"] / 2**20), f"{r['cache_bytes'] / g['cache_bytes']:.3f}",
                          tm.fmt(un["tokens_per_s"]) if un else "-"])
-    lines += [tm.markdown_table(header, rows), ""]
+    if results["cells"]:
+        lines += [tm.markdown_table(header, rows), ""]
     if results.get("summary"):
         lines += ["Summary:", ""] + [f"- {k}: {v}" for k, v in results["summary"].items()] + [""]
     for kind, sc in results.get("scaling", {}).items():
