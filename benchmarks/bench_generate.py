@@ -1,7 +1,7 @@
 """Generation benchmark: cached decoding speed and cache size of GPT, HILT, BlockHierarchicalLM and LFormer.
 
 All four models use RoPE and are matched once, at the 4k context, to GPT's parameter count with the ablation's
-matcher (:func:`hilt.ablate.matched_model_configs`, RoPE instead of a learned position table); the same weights'
+matcher (:func:`hilt.training.ablate.matched_model_configs`, RoPE instead of a learned position table); the same weights'
 shapes serve every context (RoPE has no table). For each context and batch size: a random prompt of
 ``context - 256`` tokens is prefilled (timed apart, in chunks of ``--prefill-chunk`` tokens), then
 ``--new-tokens`` greedy tokens are decoded one step at a time, the models **interleaved step by step** (so a
@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as tm  # noqa: E402
 
-from hilt import ablate  # noqa: E402
-from hilt.checkpoint import build_model  # noqa: E402
+from hilt.training import ablate  # noqa: E402
+from hilt.models.registry import build_model  # noqa: E402
 from hilt.generate import generate  # noqa: E402
 from hilt.models import GPT, HILT, GPTConfig, HILTConfig  # noqa: E402
 
@@ -45,7 +45,7 @@ NAMES = {"gpt": "GPT", "hilt": "HILT", "block": "BlockHierarchicalLM", "lformer"
 
 def matched_configs(d_model: int, n_layers: int, context: int) -> tuple[dict, dict, int]:
     """Every model with RoPE, sized to GPT's parameter count at ``context`` the way the ablation's matcher
-    does it (:func:`hilt.ablate.matched_model_configs`: the closest width, then the ``d_ff`` that closes the
+    does it (:func:`hilt.training.ablate.matched_model_configs`: the closest width, then the ``d_ff`` that closes the
     gap), the widths restricted to even head dims (RoPE needs them)."""
     def shape(m, d):
         return dict(ablate._shape(m, d, n_layers, context), pos_encoding="rope")
