@@ -37,6 +37,11 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCH = 2;  // dim chunks per lane
+// Minimum resident CTAs per SM for the backward kernel (__launch_bounds__): 1 by default (~180
+// registers); a variant behind this flag (see bla_kernels.cuh, HILT_BLA_BWD_MIN_BLOCKS).
+#ifndef HILT_APOOL_BWD_MIN_BLOCKS
+#define HILT_APOOL_BWD_MIN_BLOCKS 1
+#endif
 constexpr size_t kDefaultSmem = 48 * 1024;  // dynamic shared memory without the opt-in attribute
 
 __device__ __forceinline__ float wmax(float x) {
@@ -170,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1) apool_fwd_kernel(PoolIn in, const
 
 // One warp per (b, n, head range [h0, h0 + hc)): hc = 1 (per-head values) or H (shared values).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) apool_bwd_kernel(PoolIn in, const T* __restrict__ values, Strides4 sv,
+__global__ void __launch_bounds__(kThreads, HILT_APOOL_BWD_MIN_BLOCKS) apool_bwd_kernel(PoolIn in, const T* __restrict__ values, Strides4 sv,
                                                               const T* __restrict__ dout, Strides4 sdo,
                                                               const T* __restrict__ out, Strides4 so,
                                                               void* __restrict__ dscores, T* __restrict__ dvalues,

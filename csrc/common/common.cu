@@ -65,9 +65,13 @@ int hilt_check_launch(const char* op) {
 
 HILT_API int hilt_abi_version(void) { return HILT_ABI_VERSION; }
 
+#ifndef HILT_BUILD_NOTE  // set by hilt_kernels/cuda/_build.py: nvcc, archs built and dropped, defines
+#define HILT_BUILD_NOTE "built outside hilt_kernels/cuda/_build.py"
+#endif
+
 HILT_API const char* hilt_build_info(void) {
   return "hilt CUDA library, ABI " HILT_STR(HILT_ABI_VERSION) ", built with CUDA runtime " HILT_STR(CUDART_VERSION)
-         " (statically linked)";
+         " (statically linked); " HILT_BUILD_NOTE;
 }
 
 HILT_API const char* hilt_last_error(void) { return g_err; }
