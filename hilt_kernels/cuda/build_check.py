@@ -95,13 +95,14 @@ def kernel_table(result: _build.BuildResult) -> tuple[str, list[_build.KernelInf
     infos.sort(key=lambda k: (k.source, k.name, k.arch))
     bounds = launch_bounds()
     w = max([len(k.name) for k in infos] + [6])
-    lines = [f"{'kernel':<{w}}  arch   regs  smem(B)  stack(B)  spill st/ld(B)  CTA  lb  blk/SM       source"]
+    lines = [f"{'kernel':<{w}}  arch   regs  smem(B)  stack(B)  spill st/ld(B)  CTA  lb  blk/SM        source"]
     for k in infos:
         base = k.name.split("<")[0]
         threads, lb = bounds.get(base, (256, 1))
         n, why = blocks_per_sm(k, threads, DYNAMIC_SMEM.get(base, 0))
+        lim = f"({why})"
         lines.append(f"{k.name:<{w}}  {k.arch:<6} {k.registers:>4}  {k.smem:>7}  {k.stack:>8}  "
-                     f"{k.spill_stores:>6}/{k.spill_loads:<6}  {threads:>3}  {lb:>2}  {n:>2} ({why:<7})  {k.source}")
+                     f"{k.spill_stores:>6}/{k.spill_loads:<6}  {threads:>3}  {lb:>2}  {n:>2} {lim:<9}  {k.source}")
     return "\n".join(lines), infos
 
 

@@ -49,7 +49,7 @@ def sanitizer_env(variant: str, lib: str) -> dict:
     for k in ("HILT_CUDA_EMULATOR_DEVICE", "HILT_BACKEND"):
         env.pop(k, None)
     env.update(
-        LD_PRELOAD=build.runtime_library(variant),
+        LD_PRELOAD=build.preload(variant),
         HILT_CUDA_EMULATOR="1",
         HILT_CUDA_LIBRARY=lib,
         PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),

@@ -50,6 +50,60 @@ def test_every_launcher_has_a_case_in_both_sanitizer_runs():
     assert {"float32", "float16", "bfloat16"} <= dtypes
 
 
+@pytest.fixture(scope="module")
+def selftest_lib(emulator):
+    _skip_unless(emulator, "asan")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emulator"))
+    import build
+
+    return build.build_selftest("asan")
+
+
+def _selftest(lib, name):
+    import json
+    import subprocess
+
+    from tests.cuda.conftest import sanitizer_env
+
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "emulator", "selftest_run.py"), lib,
+                        name], env=sanitizer_env("asan", lib), capture_output=True, text=True, timeout=120)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    return p.returncode, (json.loads(lines[-1]) if lines else None), p.stderr
+
+
+def test_emulator_selftest_correct_reduction(selftest_lib):
+    rc, res, err = _selftest(selftest_lib, "reduce")
+    assert rc == 0 and res["rc"] == 0, err[-3000:]
+    assert res["out"] == [sum(range(256))] * 2
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("divergent_barrier", "threads reached different __syncthreads"),
+    ("partial_warp", "names lanes that do not exist (warp 1 has lanes 0x0000ffff)"),
+    ("exited_lane", "lane 3 of warp 0 exited while lanes"),
+    ("barrier_vs_shuffle", "divergence:"),
+    ("dyn_smem:65536:0", "65536 bytes of dynamic shared memory > 49152 allowed"),
+    ("dyn_smem:300000:300000", "above the 232448-byte limit"),
+])
+def test_emulator_selftest_reports_errors(selftest_lib, name, expect):
+    """The emulator's checks: divergent barriers, full-warp masks in a partial warp, exited lanes,
+    a lane at a barrier while its warp shuffles, dynamic shared memory limits."""
+    rc, res, err = _selftest(selftest_lib, name)
+    assert rc == 0 and res is not None, err[-3000:]
+    assert res["rc"] != 0 and expect in res["msg"], res
+
+
+def test_emulator_selftest_smem_opt_in_allows_more(selftest_lib):
+    rc, res, err = _selftest(selftest_lib, "dyn_smem:65536:65536")
+    assert rc == 0 and res["rc"] == 0 and res["out"] == [16383.0], (res, err[-2000:])
+
+
+def test_emulator_selftest_dropped_bounds_guard_is_a_heap_overflow(selftest_lib):
+    rc, res, err = _selftest(selftest_lib, "overflow")
+    assert rc != 0 and res is None
+    assert "AddressSanitizer: heap-buffer-overflow" in err and "overflow_kernel" in err, err[-3000:]
+
+
 def _remove_nth(text: str, needle: str, n: int) -> str:
     i = -1
     for _ in range(n + 1):

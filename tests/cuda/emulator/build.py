@@ -5,7 +5,8 @@ The real ``csrc/`` stays the one source: each file is copied into the build dir 
 mechanical rewrites (``rewrite``), then compiled with ``-x c++`` and the emulator's shim headers
 (``include/cuda_runtime.h`` ...) first on the include path:
 
-* ``kernel<Args><<<grid, block, smem, stream>>>(a, b)`` -> ``::emu::launch(kernel<Args>, ::emu::cfg(grid, block, smem, stream), a, b)``
+* ``kernel<Args><<<grid, block, smem, stream>>>(a, b)`` ->
+  ``::emu::launch(kernel<Args>, "kernel<Args>", ::emu::cfg(grid, block, smem, stream), a, b)``
 * ``__shared__ T name[N];`` -> ``T (&name)[N] = EMU_SHARED_ARRAY(T, name, N);`` (per-block allocation)
 * ``extern __shared__ T name[];`` -> ``T* name = static_cast<T*>(::emu::shared_dynamic());``
 
@@ -49,7 +50,7 @@ _SHARED = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
 
 def rewrite(text: str) -> str:
     """The three source rewrites (see the module docstring)."""
-    text = _LAUNCH.sub(lambda m: f"::emu::launch({m.group(1)}, ::emu::cfg({m.group(2)}), ", text)
+    text = _LAUNCH.sub(lambda m: f"::emu::launch({m.group(1)}, \"{m.group(1)}\", ::emu::cfg({m.group(2)}), ", text)
     text = _DYN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = static_cast<{m.group(1)}*>(::emu::shared_dynamic());",
                            text)
     text = _SHARED.sub(lambda m: f"{m.group(1)} (&{m.group(2)})[{m.group(3)}] = "
@@ -59,13 +60,23 @@ def rewrite(text: str) -> str:
     return text
 
 
+def _gxx_file(name: str) -> str:
+    out = subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout.strip()
+    if not os.path.isabs(out):
+        raise RuntimeError(f"g++ does not ship {name}")
+    return os.path.realpath(out)
+
+
 def runtime_library(variant: str) -> str:
     """Path of the sanitizer runtime to LD_PRELOAD into python for ``variant``."""
-    out = subprocess.run(["g++", f"-print-file-name={VARIANTS[variant]['runtime']}"], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    if not os.path.isabs(out):
-        raise RuntimeError(f"g++ does not ship {VARIANTS[variant]['runtime']}")
-    return os.path.realpath(out)
+    return _gxx_file(VARIANTS[variant]["runtime"])
+
+
+def preload(variant: str) -> str:
+    """LD_PRELOAD for a python running the ``variant`` library: the sanitizer runtime first, then
+    libstdc++ (so the runtime's __cxa_throw interceptor, which the emulator's abort path uses, finds
+    the real one at start-up: python itself does not link libstdc++)."""
+    return f"{runtime_library(variant)} {_gxx_file('libstdc++.so.6')}"
 
 
 def _sha(*parts) -> str:
@@ -153,6 +164,38 @@ def build(variant: str, mutate=None, tag: str = "", jobs: int | None = None, log
     if log is not None:
         log(f"emulator {variant}{'/' + tag if tag else ''}: compiled {len(todo)} of {len(jobs_list)} objects in "
             f"{time.time() - t0:.1f}s -> {lib}")
+    return lib
+
+
+def build_selftest(variant: str = "asan", log=None) -> str:
+    """The emulator's self-test kernels (selftest.cu, rewritten like csrc/) linked with its runtime."""
+    flags = VARIANTS[variant]
+    incs = ["-I", os.path.join(HERE, "include"), "-I", HERE]
+    emu_h = _read(os.path.join(HERE, "hilt_emu.h"))
+    emu_cpp = _read(os.path.join(HERE, "hilt_emu.cpp"))
+    text = rewrite(_read(os.path.join(HERE, "selftest.cu")))
+    obj_dir = os.path.join(BUILD, variant, "obj")
+    src = os.path.join(BUILD, "src", "selftest-" + _sha(text), "selftest.cu")
+    _write_if_changed(src, text)
+    jobs = [(["g++", *COMMON, *flags["kernel"], *incs, "-x", "c++", "-c", src],
+             os.path.join(obj_dir, f"selftest-{_sha(emu_h, text, ' '.join(COMMON + flags['kernel']))}.o")),
+            (["g++", *COMMON, *flags["emu"], *incs, "-c", os.path.join(HERE, "hilt_emu.cpp")],
+             os.path.join(obj_dir, f"hilt_emu-{_sha(emu_h, emu_cpp, ' '.join(COMMON + flags['emu']))}.o"))]
+    os.makedirs(obj_dir, exist_ok=True)
+    for cmd, obj in jobs:
+        if not os.path.exists(obj):
+            _compile(cmd, obj)
+    objs = [o for _c, o in jobs]
+    lib = os.path.join(BUILD, variant, "lib", "selftest-" + _sha(*objs), "libhilt_emu_selftest.so")
+    if not os.path.exists(lib):
+        os.makedirs(os.path.dirname(lib), exist_ok=True)
+        r = subprocess.run(["g++", "-shared", "-pthread", *flags["link"], "-o", lib + ".tmp", *objs],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"selftest link failed:\n{r.stderr[-4000:]}")
+        os.replace(lib + ".tmp", lib)
+    if log is not None:
+        log(f"emulator selftest ({variant}) -> {lib}")
     return lib
 
 

@@ -580,11 +580,7 @@ cudaError_t func_set_attribute(const void* fn, int attr, int value) {
 
 void run_grid(const void* fn, const char* name, const Cfg& c, ThreadBody body, void* ctx) {
   const long nt = (long)c.block.x * c.block.y * c.block.z;
-  std::string fname = name;
-  {
-    const size_t a = fname.find("[with");
-    if (a != std::string::npos) fname = fname.substr(a);
-  }
+  const std::string fname = name;
   if (nt < 1 || nt > kMaxThreads || c.block.x > 1024 || c.block.y > 1024 || c.block.z > 64 || c.grid.x < 1 ||
       c.grid.y < 1 || c.grid.z < 1 || c.grid.x > 2147483647u || c.grid.y > 65535 || c.grid.z > 65535) {
     const std::string m = sfmt("invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u) %s", c.grid.x, c.grid.y,

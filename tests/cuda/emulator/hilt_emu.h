@@ -190,10 +190,12 @@ template <typename... P> struct LaunchCtx {
   }
 };
 
-// kernel<<<grid, block, smem, stream>>>(args...) is rewritten to emu::launch(kernel, emu::cfg(...), args...).
-template <typename... P, typename... A> void launch(void (*kernel)(P...), const Cfg& c, A&&... a) {
+// kernel<<<grid, block, smem, stream>>>(args...) is rewritten to
+// emu::launch(kernel, "kernel", emu::cfg(grid, block, smem, stream), args...).
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), const char* name, const Cfg& c, A&&... a) {
   LaunchCtx<P...> ctx{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(a)...)};
-  run_grid(reinterpret_cast<const void*>(kernel), __PRETTY_FUNCTION__, c, &LaunchCtx<P...>::call, &ctx);
+  run_grid(reinterpret_cast<const void*>(kernel), name, c, &LaunchCtx<P...>::call, &ctx);
 }
 
 template <typename T> inline uint64_t to_bits(T v) {
