@@ -189,6 +189,15 @@ def test_apool_mixed_dtypes_noncontiguous_sum_backward(shared):
     assert_close(v.grad, v2.grad, *_tol(torch.bfloat16, True), name="dvalues")
 
 
+@pytest.mark.parametrize("H", [513, 1024, 1700])
+def test_apool_shared_values_many_heads(H):
+    """Shared values with H > 512: the backward opts in to > 48 KiB of dynamic shared memory (96 H bytes)."""
+    B, T, D, b = 1, 19, 32, 8
+    s = _randn(B, T, H, seed=0)
+    v = _randn(B, T, D, seed=1)
+    _compare(lambda s, v, backend: _apool(s, v, b, None, backend), [s, v], torch.float32, ["scores", "values"])
+
+
 # ------------------------------------------------------------------------------------ window2_attention
 def _w2a(q, k, v, causal, backend):
     return hilt_kernels.window2_attention(q, k, v, causal=causal, backend=backend)
