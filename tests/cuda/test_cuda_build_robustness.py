@@ -154,3 +154,15 @@ def test_launch_bounds_are_read_from_the_sources(monkeypatch):
 def test_blocks_per_sm(arch, regs, smem, dyn, want):
     k = _build.KernelInfo("k", arch, registers=regs, smem=smem)
     assert build_check.blocks_per_sm(k, 256, dyn) == want
+
+
+def test_launch_ctx_under_the_emulator(monkeypatch):
+    import torch
+
+    from hilt_kernels.cuda._torch import launch_ctx
+
+    monkeypatch.setenv("HILT_CUDA_EMULATOR", "1")
+    t = torch.zeros(3)
+    assert launch_ctx(t) == (0, None)  # CPU tensor: device 0, stream 0 (no torch.cuda call)
+    monkeypatch.setenv("HILT_CUDA_EMULATOR_DEVICE", "1")
+    assert launch_ctx(t) == (1, None)

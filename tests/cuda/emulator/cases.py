@@ -84,19 +84,23 @@ CASES: list[dict] = [
          return_all=True, layout="sliced", grad="random"),
 ]
 
-# ThreadSanitizer is ~10x slower: one case per kernel configuration family that has shared memory or
-# barriers / shuffles in a new combination (every kernel still runs).
+# ThreadSanitizer is slower: a subset covering every kernel and each configuration family (bla's three
+# G x DPT configs incl. tiles splitting a block, shared and per-head attention_pool values, both dalpha
+# layouts, 1024 shared heads).
 TSAN_IDS = [
     "bla-f32-D1-b5-causal-randmask-noncontig",
     "bla-bf16-D64-b16-blockmask-sumgrad",
     "bla-f32-D80-b40-tilesplit-randmask",
+    "bla-f16-D128-b70-tilesplit-causal",
     "w2a-f16-D13-noncontig",
     "w2a-f32-D80-transposed",
     "apool-f16-D13-b8-blockmask-shared",
     "apool-bf16-D64-b16-noncontig-sumgrad",
+    "apool-f32-D80-b40-allpadded",
     "apool-f32-H1024-shared-bwd",
     "ema-f32-C13-perchannel-init-all",
     "ema-bf16-C40-perchannel-bcastinit-sumgrad",
+    "ema-f32-C80-R20-last-sumgrad",
 ]
 
 # Device handling: a launch on device 1 while device 0 is current leaves device 0 current.
