@@ -42,8 +42,7 @@ def cuda_backend_or_skip() -> None:
 
 def sanitizer_env(variant: str, lib: str) -> dict:
     """Environment of a child python running the emulator library ``lib`` built as ``variant``."""
-    sys.path.insert(0, os.path.join(ROOT, "tests", "cuda", "emulator"))
-    import build  # noqa: E402  (tests/cuda/emulator/build.py, standard library only)
+    from tests.cuda.emulator import build  # standard library only
 
     env = dict(os.environ)
     for k in ("HILT_CUDA_EMULATOR_DEVICE", "HILT_BACKEND"):
@@ -116,8 +115,7 @@ class Emulator:
     def available(self, variant: str) -> str | None:
         if shutil.which("g++") is None:
             return "g++ is not installed"
-        sys.path.insert(0, os.path.join(ROOT, "tests", "cuda", "emulator"))
-        import build
+        from tests.cuda.emulator import build  # standard library only
 
         try:
             build.runtime_library(variant)
@@ -128,8 +126,7 @@ class Emulator:
     def lib(self, variant: str, mutate=None, tag: str = "") -> str:
         key = f"{variant}/{tag}"
         if key not in self.libs:
-            sys.path.insert(0, os.path.join(ROOT, "tests", "cuda", "emulator"))
-            import build
+            from tests.cuda.emulator import build  # standard library only
 
             t0 = time.time()
             self.libs[key] = build.build(variant, mutate=mutate, tag=tag)

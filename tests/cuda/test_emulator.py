@@ -53,8 +53,7 @@ def test_every_launcher_has_a_case_in_both_sanitizer_runs():
 @pytest.fixture(scope="module")
 def selftest_lib(emulator):
     _skip_unless(emulator, "asan")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emulator"))
-    import build
+    from tests.cuda.emulator import build  # standard library only
 
     return build.build_selftest("asan")
 
