@@ -476,7 +476,14 @@ def build_parser(prog: str = "hilt npt-train") -> argparse.ArgumentParser:
                "(default 0.5, mlp = attn) and student (1/1); ratio 0 = the teacher's hidden state, 1 = the "
                "student's, linear in between. Example: teacher:200,mixed:100:0.3,mixed:100:0.7,student:200.\n"
                "Several processes: torchrun --nproc_per_node=N -m hilt.npt_train ...")
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="base Llama checkpoint (hilt train --model llama)")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--ckpt", metavar="PATH", help="base Llama checkpoint (hilt train --model llama)")
+    base.add_argument("--hf", metavar="PATH", help="base Hugging Face Llama model: a model folder or a .gguf file "
+                                                  "(needs pip install 'hilt[hf]'; its own tokenizer)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="with --hf: dtype of the frozen base (the NP weights stay float32; default: float32)")
+    p.add_argument("--grad-checkpoint", action="store_const", const=True,
+                   help="with --hf: recompute the student layers in the backward pass (less memory)")
     p.add_argument("--layers", help=f"layers to convert: all, upper_half, lower_half, A-B or A,B,C (0-based; "
                                     f"default: {D.layers})")
     p.add_argument("--np-rank", type=int, help=f"bottleneck width r of the v generators (default: {D.np_rank})")
@@ -510,7 +517,17 @@ def build_parser(prog: str = "hilt npt-train") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "hilt npt-train") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.hf is not None:
+        from .hf_train import HFNPTTrainConfig, train_npt_hf
+
+        names = {f.name for f in dataclasses.fields(HFNPTTrainConfig)}
+        cfg = HFNPTTrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+        return run_cli(lambda: train_npt_hf(cfg), prog)
+    for flag in ("dtype", "grad_checkpoint"):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag.replace('_', '-')} needs --hf")
     names = {f.name for f in dataclasses.fields(NPTTrainConfig)}
     cfg = NPTTrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     return run_cli(lambda: train_npt(cfg), prog)
