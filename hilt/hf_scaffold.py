@@ -44,7 +44,8 @@ def hf_scaffolded_forward(model: nn.Module, ids: Tensor, attn_ratio: float = 1.0
     idx = N.npt_layers(model)
     if not idx:
         raise N.NPTError("the model has no NP layers: call hilt.hf.convert_hf_llama_to_npt first")
-    if any(p.requires_grad for n, p in model.named_parameters() if ".np." not in f".{n}"):
+    if torch.is_grad_enabled() and any(p.requires_grad for n, p in model.named_parameters()
+                                       if ".np." not in f".{n}"):
         raise N.NPTError("teacher scaffolding on a Hugging Face model needs a frozen base: call freeze_base first")
     layers = N._layer_list(model)
     first = idx[0]

@@ -5,6 +5,8 @@ per-layer direct loss, KL(teacher || student) and v_a / v_b regularisation as ``
 (:mod:`hilt.npt_train`), on a ``LlamaForCausalLM`` loaded from a model folder or a ``.gguf`` file
 (:mod:`hilt.hf_load`), with its own tokenizer: ``--data`` text or the default corpus, tokenized and cached
 (:mod:`hilt.hf_data`). ``--dtype bfloat16`` casts the frozen base (the NP weights stay float32);
+``--np-weights F`` starts from trained NP layers, kept frozen in NPT mode, and trains ``--layers`` on top
+(layer-by-layer training);
 ``--grad-checkpoint`` recomputes the student layers in the backward pass. Fidelity (KL per token, next-token
 agreement, teacher and student nats/token and bits/byte, :func:`hilt.hf_scaffold.hf_fidelity`) before training,
 every ``--eval-every`` steps and at the end, on the same ``--eval-iters`` validation batches each time.
@@ -22,6 +24,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ class HFNPTTrainConfig(NPTTrainConfig):
     hf: str = ""                     # Hugging Face model folder or .gguf file
     dtype: str = "float32"           # the frozen base: float32 | bfloat16 | float16
     grad_checkpoint: bool = False
+    np_weights: Optional[str] = None  # NP weights to start from (their layers stay frozen): layer-by-layer training
 
     def validate(self) -> None:
         if not self.hf:
@@ -93,11 +97,21 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     hm = load_hf_model(cfg.hf, dtype=cfg.dtype, device=device)
     model, tok = hm.model, hm.tokenizer
     load_s = time.perf_counter() - t0
+    frozen: list[int] = []
+    if cfg.np_weights:
+        frozen = N.load_np_weights(model, cfg.np_weights)  # checks the base identity
+        saved = model.npt_config
+        cfg.np_rank, cfg.num_ranks, cfg.modulate = saved.np_rank, saved.num_ranks, saved.modulate
     layers = convert_hf_llama_to_npt(model, cfg.layers, np_rank=cfg.np_rank, num_ranks=cfg.num_ranks,
                                      modulate=cfg.modulate)
     model.to(device)
     weights = parse_layer_weights(cfg.layer_weights, len(layers))
     n_train = N.freeze_base(model)
+    if frozen:
+        mlayers = N._layer_list(model)
+        for i in frozen:
+            mlayers[i].np.requires_grad_(False)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     max_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     seq_len = cfg.seq_len or min(DEFAULT_HF_SEQ_LEN, max_pos)
     if not 1 <= seq_len <= max_pos:
@@ -108,7 +122,7 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     count_bytes = byte_counter(tok)
 
-    params = N.np_parameters(model)
+    params = [p for p in N.np_parameters(model) if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95))
@@ -131,7 +145,8 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     log(f"hilt npt-train --hf: {hm.path} ({type(model).__name__}, {c.num_hidden_layers} layers, hidden "
         f"{c.hidden_size}, {sum(p.numel() for p in model.parameters()) - n_train:,} base parameters, {cfg.dtype}; "
         f"loaded in {load_s:.0f} s); NP layers {layers} (np_rank {cfg.np_rank}, num_ranks {cfg.num_ranks}, "
-        f"{cfg.modulate}); {n_train:,} trainable parameters; device {device}, {torch.get_num_threads()} threads")
+        f"{cfg.modulate}); {n_train:,} trainable parameters; device {device}, {torch.get_num_threads()} threads"
+        + (f"; NP layers {frozen} from {cfg.np_weights} (frozen, NPT mode)" if frozen else ""))
     log(f"corpus: {corpus.describe()}; {corpus.info['train_tokens']:,} / {corpus.info['val_tokens']:,} "
         f"train / val tokens")
     log("curriculum: " + ", ".join(f"{s.name} steps {s.start}-{s.end - 1} (attn {s.attn_ratio:g}, mlp "
@@ -168,6 +183,7 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
             lr = schedule.set(step)
             ids, _ = sampler.next_batch()
             out_s = hf_scaffolded_forward(model, ids, stage.attn_ratio, stage.mlp_ratio, cfg.grad_checkpoint)
+            out_s.layers = {i: out_s.layers[i] for i in layers}  # the direct loss of the layers being trained
             loss, parts = npt_loss(out_s, weights, cfg)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -214,7 +230,7 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     summary = {"before": before, "after": after, "kl_ratio": before["kl"] / max(after["kl"], 1e-12),
                "steps": max_steps, "seconds": seconds, "eval_seconds": eval_seconds[0],
                "seconds_per_step": train_seconds / max_steps, "peak_memory_mb": peak_memory_mb(device),
-               "layers": layers, "trainable_parameters": n_train, "base_model": str(hm.path.resolve()),
+               "layers": layers, "frozen_np_layers": frozen, "trainable_parameters": n_train, "base_model": str(hm.path.resolve()),
                "base_identity": hm.identity, "batch": [cfg.batch_size, seq_len], "threads": torch.get_num_threads(),
                "config": asdict(cfg)}
     paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")

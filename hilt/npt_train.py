@@ -484,6 +484,8 @@ def build_parser(prog: str = "hilt npt-train") -> argparse.ArgumentParser:
                    help="with --hf: dtype of the frozen base (the NP weights stay float32; default: float32)")
     p.add_argument("--grad-checkpoint", action="store_const", const=True,
                    help="with --hf: recompute the student layers in the backward pass (less memory)")
+    p.add_argument("--np-weights", metavar="FILE", help="with --hf: start from these trained NP layers (frozen, "
+                                                       "NPT mode) and train --layers on top: layer by layer")
     p.add_argument("--layers", help=f"layers to convert: all, upper_half, lower_half, A-B or A,B,C (0-based; "
                                     f"default: {D.layers})")
     p.add_argument("--np-rank", type=int, help=f"bottleneck width r of the v generators (default: {D.np_rank})")
@@ -525,7 +527,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "hilt npt-train") -> int:
         names = {f.name for f in dataclasses.fields(HFNPTTrainConfig)}
         cfg = HFNPTTrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
         return run_cli(lambda: train_npt_hf(cfg), prog)
-    for flag in ("dtype", "grad_checkpoint"):
+    for flag in ("dtype", "grad_checkpoint", "np_weights"):
         if getattr(args, flag) is not None:
             parser.error(f"--{flag.replace('_', '-')} needs --hf")
     names = {f.name for f in dataclasses.fields(NPTTrainConfig)}
