@@ -11,7 +11,8 @@ and in standard mode is the original forward. ``layer.npt_forward(attn_in, mlp_i
 attention and MLP-residual inputs (teacher scaffolding, :mod:`hilt.hf_scaffold`). The NP weights are created in
 ``np_dtype`` (default float32, also under a bfloat16 base: the attention output is cast to it). The base weights keep their names (``model.layers.<i>.*``);
 the NP weights are ``model.layers.<i>.np.*``. :func:`hilt.models.npt.freeze_base`, ``set_npt_mode``,
-``standard_mode``, ``save_np_weights`` and ``load_np_weights`` work on the converted model. Written against
+``standard_mode``, ``save_np_weights`` and ``load_np_weights`` work on the converted model (importing this
+module registers the converter ``load_np_weights`` uses on an unconverted Hugging Face model). Written against
 the decoder-layer interface of transformers >= 4.56 (the layer returns a tensor); tested with 5.x.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from hilt.models.npt import NPComponent, NPTConfig, NPTError, _is_np_layer, _layer_list, npt_layers, parse_layers
+from hilt.models.npt import (NPComponent, NPTConfig, NPTError, _is_np_layer, _layer_list, npt_layers, parse_layers,
+                             register_converter)
 
 __all__ = ["convert_hf_llama_to_npt", "is_available", "is_hf_model"]
 
@@ -112,3 +114,7 @@ def convert_hf_llama_to_npt(model: nn.Module, layers: Union[str, int, Sequence[i
     cfg.layers = npt_layers(model)
     model.npt_config = cfg
     return idx
+
+
+# load_np_weights on a Hugging Face model converts it with this (models/npt.py never imports this module)
+register_converter(lambda layer: True, convert_hf_llama_to_npt)

@@ -44,10 +44,10 @@ def hf_loss(model, batches, count_bytes) -> dict:
 
 
 def hf_eval(args, device: str, prog: str = "hilt eval") -> int:
-    from .data import eval_batches
-    from .hf_data import load_token_corpus
     from .hf_scaffold import byte_counter, hf_fidelity
-    from .hf_train import DEFAULT_HF_SEQ_LEN, fmt_fidelity
+    from .training.data import eval_batches
+    from .training.hf_data import load_token_corpus
+    from .training.npt_hf import DEFAULT_HF_SEQ_LEN, fmt_fidelity
 
     hm, layers = _load(args, device)
     model = hm.model

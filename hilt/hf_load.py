@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from hilt import hf  # noqa: F401  (registers the converter load_np_weights uses on HF models)
 from hilt.models import npt as N
 
 __all__ = ["HFLoadError", "HFModel", "load_hf_model", "smollm2_gguf", "DTYPES"]

@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install hilt[hf])")
 
-from hilt import hf_data  # noqa: E402
+from hilt.training import hf_data  # noqa: E402
 from hilt.cli import main  # noqa: E402
 from hilt.hf import convert_hf_llama_to_npt  # noqa: E402
 from hilt.hf_load import HFLoadError, load_hf_model, smollm2_gguf  # noqa: E402

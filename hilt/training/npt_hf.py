@@ -2,9 +2,9 @@
 
 The same curriculum (teacher / mixed / student stages, attention and MLP mixing ratios), layer weights,
 per-layer direct loss, KL(teacher || student) and v_a / v_b regularisation as ``hilt npt-train --ckpt``
-(:mod:`hilt.npt_train`), on a ``LlamaForCausalLM`` loaded from a model folder or a ``.gguf`` file
+(:mod:`.npt`), on a ``LlamaForCausalLM`` loaded from a model folder or a ``.gguf`` file
 (:mod:`hilt.hf_load`), with its own tokenizer: ``--data`` text or the default corpus, tokenized and cached
-(:mod:`hilt.hf_data`). ``--dtype bfloat16`` casts the frozen base (the NP weights stay float32);
+(:mod:`.hf_data`). ``--dtype bfloat16`` casts the frozen base (the NP weights stay float32);
 ``--np-weights F`` starts from trained NP layers, kept frozen in NPT mode, and trains ``--layers`` on top
 (layer-by-layer training);
 ``--grad-checkpoint`` recomputes the student layers in the backward pass. Fidelity (KL per token, next-token
@@ -23,21 +23,24 @@ import random
 import resource
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from hilt.hf import convert_hf_llama_to_npt
+from hilt.hf_load import DTYPES, load_hf_model
+from hilt.hf_scaffold import byte_counter, hf_fidelity, hf_scaffolded_forward
+from hilt.models import npt as N
+
+from .config import TrainingError
 from .data import BatchSampler, eval_batches
-from .hf import convert_hf_llama_to_npt
+from .distributed import Dist, cpu_threads, resolve_device
 from .hf_data import load_token_corpus
-from .hf_load import DTYPES, load_hf_model
-from .hf_scaffold import byte_counter, hf_fidelity, hf_scaffolded_forward
-from .models import npt as N
-from .npt_train import (NPTTrainConfig, NPTTrainResult, _csv_fields, npt_loss, parse_curriculum,
-                        parse_layer_weights, stage_at)
-from .train import Dist, TrainingError, WarmupCosine, cpu_threads, resolve_device
+from .logging import new_run_dir
+from .npt_parts import (NPTTrainConfig, NPTTrainResult, csv_fields, npt_loss, parse_curriculum, parse_layer_weights,
+                        stage_at)
+from .schedule import WarmupCosine
 
 __all__ = ["HFNPTTrainConfig", "train_npt_hf", "DEFAULT_HF_SEQ_LEN", "fmt_fidelity", "peak_memory_mb"]
 
@@ -129,10 +132,10 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     schedule = WarmupCosine(optimizer, cfg.lr, cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
                             cfg.warmup, max_steps)
 
-    out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"npt-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = new_run_dir(cfg.out, "npt", Dist())
     paths = {"csv": out / "metrics.csv", "weights": out / "np_weights.safetensors", "summary": out / "summary.json",
              "config": out / "npt_config.json"}
-    fields = _csv_fields(layers, cfg.num_ranks)
+    fields = csv_fields(layers, cfg.num_ranks)
     fields[-1:-1] = ["val_student_nats", "val_teacher_nats"]
     out.mkdir(parents=True, exist_ok=True)
     paths["config"].write_text(json.dumps(dict(asdict(cfg), npt=model.npt_config.to_dict(), seq_len=seq_len,

@@ -1,4 +1,4 @@
-"""The training corpus tokenized with a Hugging Face tokenizer, cached like the byte corpus (:mod:`hilt.data`).
+"""The training corpus tokenized with a Hugging Face tokenizer, cached like the byte corpus (:mod:`.data`).
 
 :func:`load_token_corpus` takes the byte corpus (the default stdlib corpus or ``--data``, with its train/val
 split by file), decodes each split as UTF-8 and tokenizes it in chunks cut at line ends (no special tokens added).
@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from hilt.data import Corpus, CorpusError, cache_dir, load_corpus
+from .data import Corpus, CorpusError, cache_dir, load_corpus
 
 __all__ = ["tokenizer_fingerprint", "tokenize_text", "load_token_corpus", "TOKEN_CACHE_FORMAT"]
 
