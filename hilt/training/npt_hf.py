@@ -63,11 +63,7 @@ class HFNPTTrainConfig(NPTTrainConfig):
             raise TrainingError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise TrainingError("npt-train --hf runs in one process (no torchrun)")
-        self.ckpt = "-"  # the parent's check wants a base
-        try:
-            super().validate()
-        finally:
-            self.ckpt = ""
+        self.validate_settings()
 
 
 def fmt_fidelity(m: dict) -> str:

@@ -167,6 +167,10 @@ class NPTTrainConfig:
     def validate(self) -> None:
         if not self.ckpt:
             raise TrainingError("--ckpt (a Llama checkpoint folder) is required")
+        self.validate_settings()
+
+    def validate_settings(self) -> None:
+        """Everything but the base model: NPT settings, curriculum, sizes, loss weights, LR."""
         N.NPTConfig(np_rank=self.np_rank, num_ranks=self.num_ranks, modulate=self.modulate).validate()
         parse_curriculum(self.curriculum)
         for name in ("batch_size", "eval_iters"):
