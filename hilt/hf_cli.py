@@ -86,6 +86,8 @@ def hf_generate(args, device: str, prog: str = "hilt generate") -> Optional[int]
     kw = {"do_sample": sample, "max_new_tokens": args.max_new_tokens, "use_cache": not args.no_kv_cache,
           "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
           "attention_mask": torch.ones_like(ids)}
+    if getattr(args, "eos_id", None) is not None:  # with --hf a token id of the model's tokenizer
+        kw["eos_token_id"] = args.eos_id
     if sample:
         kw.update(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0)
     else:
