@@ -141,8 +141,9 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
         csv.DictWriter(f, fieldnames=fields).writeheader()
 
     c = model.config
+    n_base = sum(p.numel() for n, p in model.named_parameters() if ".np." not in f".{n}")
     log(f"hilt npt-train --hf: {hm.path} ({type(model).__name__}, {c.num_hidden_layers} layers, hidden "
-        f"{c.hidden_size}, {sum(p.numel() for p in model.parameters()) - n_train:,} base parameters, {cfg.dtype}; "
+        f"{c.hidden_size}, {n_base:,} base parameters, {cfg.dtype}; "
         f"loaded in {load_s:.0f} s); NP layers {layers} (np_rank {cfg.np_rank}, num_ranks {cfg.num_ranks}, "
         f"{cfg.modulate}); {n_train:,} trainable parameters; device {device}, {torch.get_num_threads()} threads"
         + (f"; NP layers {frozen} from {cfg.np_weights} (frozen, NPT mode)" if frozen else ""))
