@@ -104,11 +104,12 @@ class InterLayerTransformer(nn.Module):
         matmul). With gradients enabled or ``fused=False``: the functional per-module path (autograd).
         Returns the modulation (B, T, d_model), or, with ``out`` and ``scale``, ``out + scale · modulation``.
         """
-        if not fused or torch.is_grad_enabled() or prev.dtype != self.proj_in.weight.dtype:
-            return self._step_functional(prev, cur, out, scale)
-        if weights is None:
-            weights = self.step_weights()
-        return weights(prev, cur, out, scale)
+        if fused and not torch.is_grad_enabled():
+            if weights is None:
+                weights = self.step_weights()
+            if prev.dtype == weights.dtype:
+                return weights(prev, cur, out, scale)
+        return self._step_functional(prev, cur, out, scale)
 
     def _step_functional(self, prev: Tensor, cur: Tensor, out: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
         I = self.ilt_dim
