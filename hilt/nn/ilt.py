@@ -94,14 +94,13 @@ class InterLayerTransformer(nn.Module):
         ``prev``, ``cur`` (B, T, d_model). Under ``torch.no_grad`` (with ``fused``, the dtype of the
         parameters) it runs on packed weights (``weights`` from :meth:`step_weights`; packed here when not
         given, which is slow: pass them when stepping repeatedly). The window is two row blocks, (2·B·T,
-        ilt_dim): the ``prev`` rows, then the ``cur`` rows, and each window layer is 13 ops writing into
+        ilt_dim): the ``prev`` rows, then the ``cur`` rows, and each window layer is 12 ops writing into
         reused buffers: layer norm; one qkv matmul for both rows; ``k0 - k1`` and ``v0 - v1`` in one
         subtraction; the per-head scores ``q . (k0 - k1)`` as one batched matmul, only for the current row
         when causal (the previous row attends to itself: its weight stays 1), and a sigmoid (the softmax
         over two scores is ``sigmoid(s0 - s1)``); ``v1 + p (v0 - v1)`` for both rows in one op; the output
-        projection added to the residual in place, plus its bias; layer norm, the first MLP matmul, an
-        ``erf`` and an ``addcmul`` (GELU), the second MLP matmul added in place (its bias comes out of the
-        matmul). With gradients enabled or ``fused=False``: the functional per-module path (autograd).
+        projection added to the residual in place; layer norm, the first MLP matmul, an ``erf`` and an
+        ``addcmul`` (GELU), the second MLP matmul added in place (both biases come out of their matmuls). With gradients enabled or ``fused=False``: the functional per-module path (autograd).
         Returns the modulation (B, T, d_model), or, with ``out`` and ``scale``, ``out + scale · modulation``.
         """
         if fused and not torch.is_grad_enabled():
@@ -169,10 +168,9 @@ class _StepWeights:
             w_1 = torch.cat((m.fc1.weight.detach().t() * r2, zeros(I)[:, None]), 1).contiguous()
             b_1 = torch.cat((bias(m.fc1, m.d_ff) * r2, torch.full((1,), c, dtype=dt, device=dev)))
             w_2 = torch.cat((m.fc2.weight.detach().t() * r2, bias(m.fc2, I)[None] / (2 * c))).contiguous()
-            self.layers.append((
-                ln(layer.norm1), w_qkv, b_qkv, H, D,
-                a.out_proj.weight.detach().t().contiguous(), bias(a.out_proj, I),
-                ln(layer.norm2), w_1, b_1, w_2))
+            # out_proj with its bias as a last row (the attention output gets a constant-1 column)
+            w_o = torch.cat((a.out_proj.weight.detach().t(), bias(a.out_proj, I)[None])).contiguous()
+            self.layers.append((ln(layer.norm1), w_qkv, b_qkv, H, D, w_o, ln(layer.norm2), w_1, b_1, w_2))
         w_out = ilt.proj_out.weight.detach().t() * 0.5                               # (I, d): mean of 2 rows
         self.w_out = torch.cat((w_out, w_out)).contiguous()                          # (2I, d)
         self.b_out = bias(ilt.proj_out, d)
@@ -188,9 +186,10 @@ class _StepWeights:
         new = lambda *size: torch.empty(size, dtype=self.dtype, device=self.w_in.device)  # noqa: E731
         stacked, x0, mod = new(2, *shape), new(2, N, I), new(N, d)
         per_layer = []
-        for (n1, w_qkv, b_qkv, H, D, w_o, b_o, n2, w_1, b_1, w_2) in self.layers:
+        for (n1, w_qkv, b_qkv, H, D, w_o, n2, w_1, b_1, w_2) in self.layers:
             C = w_qkv.shape[1]
-            t, dt, y = new(2 * N, C), new(N, C), new(2, N, H, D)
+            t, dt = new(2 * N, C), new(N, C)
+            y = torch.ones(2 * N, I + 1, dtype=self.dtype, device=self.w_in.device)  # last column stays 1
             p = torch.ones(2, N, H, 1, dtype=self.dtype, device=self.w_in.device)  # causal: p[0] stays 1
             g, e = new(2 * N, w_1.shape[1]), new(2 * N, w_1.shape[1])
             # per-head scores q_r . (k0 - k1) as one batched matmul over (token, head): with one token the
@@ -209,7 +208,7 @@ class _StepWeights:
             per_layer.append((
                 t, t[:N], t[N:], dt, mm, q, dk, s,
                 t.as_strided((N, H, D), (C, D, 1), N * C + 2 * I),               # v1
-                dt[:, 2 * I:].view(N, H, D), p, y, y.view(2 * N, I), g, e))     # v0 - v1
+                dt[:, 2 * I:].view(N, H, D), p, y[:, :I].view(2, N, H, D), y, g, e))  # v0 - v1
         ws = (stacked, stacked.view(2, N, d), x0, x0.view(2 * N, I), per_layer, mod, mod.view(shape))
         self._ws = (shape, ws)
         return ws
@@ -224,13 +223,13 @@ class _StepWeights:
         torch.stack((prev, cur), out=stacked)
         torch.baddbmm(self.b_in, stacked3, self.w_in, out=x0)
         x = layer_norm(x0_2d, (I,), *self.norm)                                   # (2N, I): prev rows; cur rows
-        for (n1, w_qkv, b_qkv, H, D, w_o, b_o, n2, w_1, b_1, w_2), \
-                (t, t0, t1, dt, mm, q, dk, s, v1, dv, p, y, y2, g, e) in zip(self.layers, per_layer):
+        for (n1, w_qkv, b_qkv, H, D, w_o, n2, w_1, b_1, w_2), \
+                (t, t0, t1, dt, mm, q, dk, s, v1, dv, p, y, y1, g, e) in zip(self.layers, per_layer):
             addmm(b_qkv, layer_norm(x, (I,), *n1), w_qkv, out=t)                 # q | k | v of both rows
             torch.sub(t0, t1, out=dt)                                             # ., k0 - k1, v0 - v1
             mm(q, dk, out=s).sigmoid_()                                           # p = softmax over 2 = sigmoid
             addcmul(v1, p, dv, out=y)                                             # (2, N, H, D): v1 + p (v0 - v1)
-            x.addmm_(y2, w_o).add_(b_o)                                           # x += out_proj(.)
+            x.addmm_(y1, w_o)                                                     # x += out_proj(.) (+ bias: y1's 1s)
             addmm(b_1, layer_norm(x, (I,), *n2), w_1, out=g)                      # g = fc1(.) / sqrt(2)
             torch.erf(g, out=e)
             x.addmm_(g.addcmul_(g, e), w_2)                                       # x += fc2(gelu(.)): (g + g erf g) W2'
