@@ -100,8 +100,9 @@ class InterLayerTransformer(nn.Module):
         when causal (the previous row attends to itself: its weight stays 1), and a sigmoid (the softmax
         over two scores is ``sigmoid(s0 - s1)``); ``v1 + p (v0 - v1)`` for both rows in one op; the output
         projection added to the residual in place; layer norm, the first MLP matmul, an ``erf`` and an
-        ``addcmul`` (GELU), the second MLP matmul added in place (both biases come out of their matmuls). With gradients enabled or ``fused=False``: the functional per-module path (autograd).
-        Returns the modulation (B, T, d_model), or, with ``out`` and ``scale``, ``out + scale · modulation``.
+        ``addcmul`` (GELU), the second MLP matmul added in place (both biases come out of their matmuls).
+        With gradients enabled or ``fused=False``: the functional per-module path (autograd). Returns the
+        modulation (B, T, d_model), or, with ``out`` and ``scale``, ``out + scale · modulation``.
         """
         if fused and not torch.is_grad_enabled():
             if weights is None:
