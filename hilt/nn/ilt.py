@@ -131,7 +131,8 @@ class InterLayerTransformer(nn.Module):
 
 class _StepWeights:
     """Packed weights of one ILT for :meth:`InterLayerTransformer.step`; calling it runs the step
-    (no autograd: every tensor here is a detached copy).
+    (no autograd: detached tensors, the layer norms' parameters shared, the rest transformed copies, so
+    rebuild it after the parameters change).
 
     Layout: the window is two row blocks, x (2·N, I) = (rows of ``prev``; rows of ``cur``), N = B·T.
     """
