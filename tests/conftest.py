@@ -2,6 +2,14 @@
 
 * Triton runs on the CPU through its interpreter when there is no GPU: TRITON_INTERPRET=1 must be set
   before triton is imported, so it is set here, before anything imports it.
+* Two test-only patches of the triton interpreter (``_patch_triton_interpreter``), so that the CPU runs
+  the very kernels a GPU runs: the interpreter tensor's ``__index__`` on a 1-element array (triton < 3.8
+  with numpy >= 2.4 cannot ``range()`` over a runtime bound otherwise; triton-lang/triton#9171, fixed in
+  3.8 by #9172), and bf16 ``tl.dot`` operands upcast to fp32 (the interpreter multiplies their raw
+  uint16 bits).
+* With CUDA present, a test that would skip because the triton or cuda backend is missing FAILS, unless
+  ``HILT_ALLOW_MISSING_BACKENDS=<comma-separated names>`` allows that backend to be missing
+  (:func:`skip_missing_backend`).
 * ``assert_close`` reports where and by how much a comparison failed.
 """
 
@@ -17,6 +25,43 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _patch_triton_interpreter() -> None:
+    """Test-only fixes of the triton interpreter (see the module docstring); no-op without it."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        import triton.language as tl
+        import triton.runtime.interpreter as ti
+    except Exception:  # triton not importable: the triton tests skip (or fail, see skip_missing_backend)
+        return
+    if not getattr(ti, "_hilt_patched", False):
+        original_patch_tensor = ti._patch_lang_tensor
+
+        def patch_tensor(tensor, scope):
+            original_patch_tensor(tensor, scope)
+            # int() of a (1,)-shaped array raises with numpy >= 2.4; triton 3.8+ squeezes the same way
+            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(())))
+
+        original_dot = ti.InterpreterBuilder.create_dot
+
+        def upcast_bf16(h):
+            if h.dtype == tl.bfloat16:  # stored as uint16 raw bits: widen them into fp32's top half
+                data = (h.data.astype(np.uint32) << 16).view(np.float32)
+                return ti.TensorHandle(data, tl.float32)
+            return h
+
+        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            return original_dot(self, upcast_bf16(a), upcast_bf16(b), d, input_precision, max_num_imprecise_acc)
+
+        ti._patch_lang_tensor = patch_tensor
+        ti.InterpreterBuilder.create_dot = create_dot
+        ti._hilt_patched = True
+
+
+_patch_triton_interpreter()
 
 
 def triton_usable() -> bool:
