@@ -16,9 +16,9 @@ The head dimension is padded to ``BLOCK_D = max(16, next_pow2(D))`` with masked 
 (any D <= 128); when D is already a power of two >= 16 (``EVEN_D``) the head-dim mask is dropped
 so loads vectorize and the key/query loops pipeline (cp.async). Scores are computed in the exp2
 domain (``scale * log2(e)`` folded into one factor); softmax statistics and all accumulators are
-fp32; 16-bit inputs feed the tensor cores. fp32 inputs use ``input_precision="tf32x3"`` on a GPU
-(about fp32 accuracy on tensor cores: plain "ieee" dots lower to FMA loops that spill heavily and
-take minutes to compile at these tile sizes) and "ieee" under the interpreter.
+fp32; 16-bit inputs feed the tensor cores. fp32 inputs use ``input_precision="tf32x3"`` (about fp32
+accuracy on tensor cores: plain "ieee" dots lower to FMA loops that spill heavily and take minutes to
+compile at these tile sizes; the interpreter computes every dot exactly in fp32).
 Since block membership is all that matters, a block size >= T is treated as b = T; any block size
 is supported (the large-block path loops over key tiles).
 
@@ -40,19 +40,19 @@ is supported (the large-block path loops over key tiles).
     computes delta = rowsum(dO * O) for its rows and stores it (fp32 scratch); then
     ``_bla_bwd_dkdv_large`` (program per key tile, loop over the block's query tiles from the
     diagonal on when causal) reads it. No atomics.
-* Path choice (``_SMALL_MAX_FWD`` / ``_SMALL_MAX_BWD``): on a GPU the forward uses the small path
-  for b <= 128 (fp32: 64) and the backward for b <= 64 (fp32: 32) (the backward holds ~3x the
-  forward's registers); bigger blocks use the large path. These limits and the config pruning
-  below come from ptxas register/spill reports for sm_90 at D = 64 and 128 (compiled here, not
-  run). Under ``TRITON_INTERPRET=1`` (CPU tests) both use the small path for b <= 32 with
-  BLOCK_M = max(16, next_pow2(b)), and the large path with 16 x 16 tiles above that.
-* Configs: on a GPU every kernel is ``triton.autotune``d (small path: BLOCK_M 32/64/128 x
-  num_warps 4/8; large path: (BLOCK_M, BLOCK_N) in 3 shapes x num_warps 4/8 x num_stages 2/3)
-  keyed on (b, D, causal) (+ dtypes, added by Triton); configs a case cannot use (BLOCK_M < b on
-  the small path) or that spill are pruned. Every config computes the same masks, so the choice
-  only changes speed. Under the interpreter one fixed config is used, and the large-path loops run
-  a constexpr trip count (``STATIC_ITERS``, see ``_interp_large``) because triton 3.6's interpreter
-  with numpy >= 2.4 cannot run loops with runtime bounds (triton-lang/triton#9171).
+* Path choice (``_SMALL_MAX_FWD`` / ``_SMALL_MAX_BWD``): the forward uses the small path for
+  b <= 128 (fp32: 64) and the backward for b <= 64 (fp32: 32) (the backward holds ~3x the forward's
+  registers); bigger blocks use the large path. These limits and the config pruning below come from
+  ptxas register/spill reports for sm_90 (compiled here, not run: ``tests/ops/test_triton_compile.py``).
+  The same thresholds, tiles and runtime-bound loops run under ``TRITON_INTERPRET=1``.
+* Configs: module-level lists (small path: BLOCK_M 32/64/128 x num_warps 4/8; large path:
+  (BLOCK_M, BLOCK_N) in 3 shapes x num_warps 4/8 x num_stages 2/3), ``triton.autotune``d on a GPU
+  keyed on (b, D, causal) (+ dtypes, added by Triton) after pruning the configs a case cannot use
+  (BLOCK_M < b on the small path) and those that spill or overflow shared memory on sm_90. Every
+  config computes the same masks, so the choice only changes speed. Under the interpreter or with
+  ``HILT_TRITON_FIXED_CONFIG=1`` the first kept config runs (``_launch.py``); tests run every kept one.
+* Launches: under ``torch.cuda.device(q.device)``; the batch is grid axis 2 (limit 65,535), so larger
+  batches launch in chunks of 65,535; head-dim offsets are int64 (``offs_d * stride`` would wrap).
 
 Limits: fp16 / bf16 / fp32 only (fp64 -> reference backend), head dim D <= 128. Empty inputs
 (B, T or H = 0) return empty outputs without a launch. Deterministic (no atomics).
