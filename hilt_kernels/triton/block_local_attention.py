@@ -41,8 +41,9 @@ is supported (the large-block path loops over key tiles).
     ``_bla_bwd_dkdv_large`` (program per key tile, loop over the block's query tiles from the
     diagonal on when causal) reads it. No atomics.
 * Path choice (``_SMALL_MAX_FWD`` / ``_SMALL_MAX_BWD``): the forward uses the small path for
-  b <= 128 (fp32: 64) and the backward for b <= 64 (fp32: 32) (the backward holds ~3x the forward's
-  registers); bigger blocks use the large path. These limits and the config pruning below come from
+  b <= 128 (fp32: 64) and the backward for b <= 64 (fp32: 32, and only with D <= 64) (the backward
+  holds ~3x the forward's registers); bigger blocks use the large path, whose fp32 backward has its
+  own smaller tiles (every 16-bit backward tile spills in fp32). These limits and the config pruning below come from
   ptxas register/spill reports for sm_90 (compiled here, not run: ``tests/ops/test_triton_compile.py``).
   The same thresholds, tiles and runtime-bound loops run under ``TRITON_INTERPRET=1``.
 * Configs: module-level lists (small path: BLOCK_M 32/64/128 x num_warps 4/8; large path:
@@ -502,20 +503,47 @@ BWD_SMALL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                      for (bm, w) in ((32, 4), (32, 8), (64, 4), (64, 8))]
 FWD_LARGE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                      for (bm, bn) in ((64, 64), (128, 64), (128, 32)) for w in (4, 8) for st in (2, 3)]
-BWD_DQ_LARGE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                        for (bm, bn) in ((64, 64), (128, 32), (64, 32)) for w in (4, 8) for st in (2, 3)]
-BWD_DKDV_LARGE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                          for (bm, bn) in ((64, 64), (32, 128), (32, 64)) for w in (4, 8) for st in (2, 3)]
+# The backward lists hold the 16-bit tiles, then smaller tiles used for fp32 only (fp32 operands take
+# twice the registers and shared memory: every 16-bit backward tile spills in fp32).
+_BWD_DQ_TILES_16 = ((64, 64), (128, 32), (64, 32))
+_BWD_DKDV_TILES_16 = ((64, 64), (32, 128), (32, 64))
+_BWD_TILES_32 = ((32, 32), (16, 64), (64, 16))
+BWD_DQ_LARGE_CONFIGS = (
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for (bm, bn) in _BWD_DQ_TILES_16 for w in (4, 8) for st in (2, 3)]
+    + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+       for (bm, bn) in _BWD_TILES_32 for w in (4, 8)])
+BWD_DKDV_LARGE_CONFIGS = (
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for (bm, bn) in _BWD_DKDV_TILES_16 for w in (4, 8) for st in (2, 3)]
+    + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+       for (bm, bn) in _BWD_TILES_32 for w in (4, 8)])
+
+# fp32 configs free of spills on sm_90 (ptxas, tests/ops/test_triton_compile.py), as
+# (BLOCK_M, BLOCK_N, num_warps) for a head dim padded to <= 64 and to 128; num_stages 2 only.
+_FP32_OK = {
+    "_bla_fwd_large": ({(64, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8)}, {(128, 32, 8)}),
+    "_bla_bwd_dq_large": ({(bm, bn, w) for (bm, bn) in _BWD_TILES_32 for w in (4, 8)},
+                          {(32, 32, 8), (16, 64, 8)}),
+    "_bla_bwd_dkdv_large": ({(bm, bn, w) for (bm, bn) in _BWD_TILES_32 for w in (4, 8)}, {(64, 16, 8)}),
+}
 
 
 def _fp32(named_args) -> bool:
     return named_args["Q"].element_size() == 4
 
 
+def _small_bwd_ok(fp32: bool, D: int) -> bool:
+    """Whether the small-path backward has a spill-free config (fp32 with D > 64 has none)."""
+    return not (fp32 and D > 64)
+
+
 def prune_small_fwd(configs, named_args, **kwargs):
-    """Small-path forward: tiles that hold at least one whole block (BLOCK_M >= b)."""
+    """Small-path forward: tiles that hold at least one whole block (BLOCK_M >= b), minus the
+    128-row fp32 tile with a head dim > 64 (spills)."""
     bs = named_args["bs"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs]
+    drop_128 = _fp32(named_args) and named_args["D"] > 64
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs and not (drop_128 and c.kwargs["BLOCK_M"] == 128)]
     return kept or [max(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
@@ -524,33 +552,40 @@ def prune_small_bwd(configs, named_args, **kwargs):
     bs = named_args["bs"]
     D = named_args["D"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs]
-    # 64 rows with a 128-wide head dim spill with 4 warps.
-    lean = [c for c in kept if not (c.kwargs["BLOCK_M"] >= 64 and D > 64 and c.num_warps < 8)]
+    if _fp32(named_args):  # 64 fp32 rows spill with any warp count
+        lean = [c for c in kept if c.kwargs["BLOCK_M"] <= 32]
+    else:  # 64 rows with a 128-wide head dim spill with 4 warps
+        lean = [c for c in kept if not (c.kwargs["BLOCK_M"] >= 64 and D > 64 and c.num_warps < 8)]
     return lean or kept or [max(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
-def prune_large(configs, named_args, **kwargs):
-    """Large path: drop the tiles that spill or overflow shared memory (ptxas, sm_90)."""
-    # With a 128-wide head dim, tiles of >= 4096 score entries spill with 4 warps.
-    # fp32 operands double the registers and shared memory: keep their tiles and pipelines small.
-    D = named_args["D"]
-    fp32 = _fp32(named_args)
-    kept = []
-    for c in configs:
-        tile = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
-        if D > 64 and c.num_warps < 8 and tile >= 4096:
-            continue
-        if fp32 and (c.num_stages > 2 or (D > 64 and tile > 4096)):
-            continue
-        kept.append(c)
-    return kept or configs
+def _make_prune_large(name, tiles_16):
+    def prune(configs, named_args, **kwargs):
+        """Large path: drop the configs that spill or overflow shared memory (ptxas, sm_90)."""
+        D = named_args["D"]
+        if _fp32(named_args):
+            ok = _FP32_OK[name][0 if D <= 64 else 1]
+            kept = [c for c in configs if c.num_stages == 2
+                    and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in ok]
+        else:
+            # With a 128-wide head dim, tiles of >= 4096 score entries spill with 4 warps.
+            kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in tiles_16
+                    and not (D > 64 and c.num_warps < 8 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 4096)]
+        return kept or configs[:1]
+
+    return prune
+
+
+prune_fwd_large = _make_prune_large("_bla_fwd_large", ((64, 64), (128, 64), (128, 32)))
+prune_bwd_dq_large = _make_prune_large("_bla_bwd_dq_large", _BWD_DQ_TILES_16)
+prune_bwd_dkdv_large = _make_prune_large("_bla_bwd_dkdv_large", _BWD_DKDV_TILES_16)
 
 
 fwd_small = Tuned(_bla_fwd_small, FWD_SMALL_CONFIGS, _KEY, prune_small_fwd)
 bwd_small = Tuned(_bla_bwd_small, BWD_SMALL_CONFIGS, _KEY, prune_small_bwd)
-fwd_large = Tuned(_bla_fwd_large, FWD_LARGE_CONFIGS, _KEY, prune_large)
-bwd_dq_large = Tuned(_bla_bwd_dq_large, BWD_DQ_LARGE_CONFIGS, _KEY, prune_large)
-bwd_dkdv_large = Tuned(_bla_bwd_dkdv_large, BWD_DKDV_LARGE_CONFIGS, _KEY, prune_large)
+fwd_large = Tuned(_bla_fwd_large, FWD_LARGE_CONFIGS, _KEY, prune_fwd_large)
+bwd_dq_large = Tuned(_bla_bwd_dq_large, BWD_DQ_LARGE_CONFIGS, _KEY, prune_bwd_dq_large)
+bwd_dkdv_large = Tuned(_bla_bwd_dkdv_large, BWD_DKDV_LARGE_CONFIGS, _KEY, prune_bwd_dkdv_large)
 KERNELS = (fwd_small, bwd_small, fwd_large, bwd_dq_large, bwd_dkdv_large)
 
 
@@ -652,7 +687,7 @@ def backward(dout, q, k, v, out, lse, block_size: int, causal: bool, scale: floa
     qk_scale = float(scale) * _LOG2E
     meta = dict(CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, DOT_PREC=_dot_prec(q.dtype),
                 BLOCK_D=BLOCK_D, EVEN_D=(BLOCK_D == D))
-    small = bs <= _SMALL_MAX_BWD[q.element_size()]
+    small = bs <= _SMALL_MAX_BWD[q.element_size()] and _small_bwd_ok(q.element_size() == 4, D)
     nb = triton.cdiv(T, bs)
     # delta = rowsum(dout * out), fp32 scratch written by the large-path dq kernel for every row < T.
     delta = None if small else torch.empty((B, H, T), dtype=torch.float32, device=q.device)
