@@ -210,3 +210,30 @@ def test_missing_backend_fails_with_cuda_unless_allowed(monkeypatch):
     monkeypatch.setenv("HILT_ALLOW_MISSING_BACKENDS", "cuda")
     with pytest.raises(pytest.fail.Exception, match="HILT_ALLOW_MISSING_BACKENDS=triton"):
         skip_missing_backend("triton", "not importable", has_cuda=True)
+
+
+def test_triton_status_reports_the_interpreter_loop_bug(monkeypatch, need_triton):
+    """Under the interpreter, triton < 3.8 with numpy >= 2.4 cannot run runtime-bound loops
+    (triton#9171): triton_status says so (the reference backend is used) unless the probe passes."""
+    import numpy
+    import triton
+
+    from hilt_kernels import dispatch
+    from hilt_kernels.triton import _probe
+
+    assert _probe.runtime_loop_works()  # here: triton >= 3.8, or the conftest shim
+    status = dispatch.triton_status.__wrapped__
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_probe, "runtime_loop_works", lambda: False)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    reason = status()
+    assert reason and "triton-lang/triton#9171" in reason and "3.6.0" in reason and "2.4.6" in reason
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert status() is None
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    monkeypatch.setattr(triton, "__version__", "3.8.0")
+    assert status() is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert status() is None  # compiled kernels on a GPU are not affected
