@@ -102,11 +102,19 @@ def check_launches(fn_call, case: str) -> list[Result]:
     current = {}
 
     def execute(fn, grid_fn, args, kwargs):
-        kernel = current["tuned"]
-        for c in kernel.kept(args, kwargs):
-            regs, st, ld, sh, dt = compile_config(kernel.fn, args, kwargs, c)
+        kernel = current.get("tuned")
+        if kernel is not None and fn is kernel.fn:
+            fn, name = kernel.fn, kernel.name
+            kw = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            configs = kernel.kept(args, kw)
+        else:  # an untuned kernel: its own launch parameters
+            name = fn.__name__
+            kw = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            configs = [triton.Config({}, num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))]
+        for c in configs:
+            regs, st, ld, sh, dt = compile_config(fn, args, kw, c)
             cfg = ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
-            results.append(Result(kernel.name, case, cfg, regs, st, ld, sh, dt))
+            results.append(Result(name, case, cfg.lstrip(","), regs, st, ld, sh, dt))
         grid_fn({**dict(zip(fn.arg_names, args)), **kwargs})  # the launch's grid (checked, recorded)
 
     original_run = _launch.Tuned.run
@@ -119,6 +127,7 @@ def check_launches(fn_call, case: str) -> list[Result]:
             return original_run(self, grid, args, kwargs)
         finally:
             _launch.pick = saved_pick
+            current["tuned"] = None
 
     saved = (_launch._execute, _launch.Tuned.run)
     _launch._execute = execute
@@ -196,7 +205,7 @@ def other_cases(full: bool):
 
 def run_all(full: bool, log=print) -> list[Result]:
     results = []
-    for name, call in list(bla_cases(full)) + list(other_cases(full)):
+    for name, call in list(other_cases(full)) + list(bla_cases(full)):
         rs = check_launches(call, name)
         for r in rs:
             log(f"{r.kernel:22s} {r.case:28s} {r.config:40s} regs {r.registers:3d} spill {r.spill_stores:5d}/"

@@ -310,15 +310,21 @@ CANDIDATES = [
 _MAX_TUNED = 8  # configs benchmarked per autotune key
 
 
-def _make_prune(max_per_thread: int):
+def _make_prune(max_per_thread: int, max_per_thread_fp32: int):
     """Clip each candidate's tile to the problem (BLOCK_T <= next_pow2(block_size), BLOCK_D <=
     next_pow2(D)), keep tiles giving every thread 4..max_per_thread fp32 elements of the
-    (BLOCK_T, BLOCK_H, BLOCK_D) tile (register budget), and bench at most _MAX_TUNED of them,
-    widest D tile first (the first kept config is the one a fixed-config launch runs)."""
+    (BLOCK_T, BLOCK_H, BLOCK_D) tile (register budget; fp32 values: max_per_thread_fp32, since the
+    fp32 loads take more registers and 32 per thread spills on sm_90), and bench at most
+    _MAX_TUNED of them, widest D tile first (the first kept config is the one a fixed-config launch
+    runs)."""
 
     def prune(configs, named_args, **kwargs):
         bs = int(named_args["block_size"])
         D = int(named_args["D"])
+        if named_args["V"].element_size() == 4:
+            max_pt = max_per_thread_fp32
+        else:
+            max_pt = max_per_thread
         bh = int(kwargs.get("BLOCK_H", named_args.get("BLOCK_H", 1)))
         tmax, dmax = _p2(bs), _p2(D)
         lo = min(4, max(1, tmax * bh * dmax // 64))
@@ -328,7 +334,7 @@ def _make_prune(max_per_thread: int):
             bd = min(c.kwargs["BLOCK_D"], dmax)
             w = c.num_warps
             per_thread = bt * bh * bd / (32 * w)
-            if lo <= per_thread <= max_per_thread:
+            if lo <= per_thread <= max_pt:
                 seen.setdefault((bt, bd, w), triton.Config({"BLOCK_T": bt, "BLOCK_D": bd},
                                                            num_warps=w))
         if not seen:  # tiny problem or huge BLOCK_H: one small tile
@@ -347,8 +353,8 @@ def _make_prune(max_per_thread: int):
     return prune
 
 
-prune_fwd = _make_prune(32)
-prune_bwd = _make_prune(16)
+prune_fwd = _make_prune(32, 16)
+prune_bwd = _make_prune(16, 16)
 _FWD_KEY = ["block_size", "D", "BLOCK_H", "SHARED", "HAS_MASK"]
 _BWD_KEY = _FWD_KEY + ["PRECOMP"]
 

@@ -273,13 +273,21 @@ def _ema_bwd_kernel(
 
 def prune_configs(configs, nargs, **kwargs):
     """2-D mode: at least 8 rows per tile (bounds the per-channel dalpha partial buffer); no tile
-    (much) larger than the whole problem. Smallest BLOCK first (the fixed-config choice)."""
+    (much) larger than the whole problem; no fp32 backward config that spills on sm_90. Smallest
+    BLOCK first (the fixed-config choice)."""
     args = {**nargs, **kwargs}
     block_c = args["BLOCK_C"]
+    if "GR" in args and args["V"].element_size() == 4:  # fp32 backward: drop the configs that spill
+        configs = [c for c in configs
+                   if (c.kwargs["BLOCK"], c.num_warps, bool(args["PER_CHANNEL"])) not in _FP32_BWD_SPILLS]
     rows_ok = [cfg for cfg in configs if args["FLAT"] or cfg.kwargs["BLOCK"] >= 8 * block_c] or list(configs)
     size = args["N_KEY"] if args["FLAT"] else triton.next_power_of_2(args["R"]) * block_c
     smallest = min(cfg.kwargs["BLOCK"] for cfg in rows_ok)
     return [cfg for cfg in rows_ok if cfg.kwargs["BLOCK"] <= max(size, smallest)]
+
+
+# (BLOCK, num_warps, per-channel) of the fp32 backward that spill on sm_90 (ptxas; the 16-bit ones do not)
+_FP32_BWD_SPILLS = {(4096, 4, False), (4096, 4, True), (2048, 8, True)}
 
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in _BLOCKS for w in _WARPS]
