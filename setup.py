@@ -8,13 +8,19 @@ statically), loaded with ctypes, so it works with any torch version. The build l
 The library is compiled in the ``build_py`` step, in place into ``hilt_kernels/cuda/`` (so editable
 installs find it) and copied into the wheel for regular installs. Environment:
 
-* ``HILT_CUDA_ARCHS`` / ``TORCH_CUDA_ARCH_LIST``: target archs (default sm_80 and sm_90);
+* ``HILT_CUDA_ARCHS`` / ``TORCH_CUDA_ARCH_LIST``: target archs (default sm_80 and sm_90; names such
+  as "Hopper" are mapped, archs this nvcc cannot build are dropped and named by ``hilt info``);
+* ``HILT_CUDA_DEFINES``: extra ``-D`` macros (the launch-bounds variants of csrc/);
 * ``MAX_JOBS``: parallel nvcc processes (default: the CPU count);
 * ``HILT_SKIP_CUDA_BUILD=1``: do not build it; ``HILT_FORCE_CUDA_BUILD=1``: fail if it cannot be built.
 
 Without nvcc (or when the compile fails and the build is not forced) the pure-Python package is
 installed and the reason is printed once, and recorded in ``build/hilt_cuda/status.txt``, which
 ``hilt_kernels.cuda.unavailable_reason()`` reports.
+
+A wheel that carries the library is tagged as a platform wheel (``py3-none-<platform>``: the library
+is torch- and Python-version independent, but it is a Linux x86-64/aarch64 binary); without it the
+wheel stays pure.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+
+try:  # setuptools >= 70.1 ships bdist_wheel; older ones use the wheel package's
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # pragma: no cover
+    from wheel.bdist_wheel import bdist_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG_CUDA = os.path.join(HERE, "hilt_kernels", "cuda")
@@ -100,9 +111,10 @@ def build_cuda_library() -> None:
     tmp = target + ".tmp"
     shutil.copyfile(res.library, tmp)
     os.replace(tmp, target)
-    archs_s = ", ".join(f"sm_{a}" for a, _ in archs)
-    _record(f"built for {archs_s} from {res.library}")
-    _say(f"built the CUDA library {target} for {archs_s} in {res.seconds:.0f} s "
+    archs_s = ", ".join(f"sm_{a}" for a, _ in res.archs)
+    dropped = f"; dropped {', '.join(res.dropped)} (not supported by this nvcc)" if res.dropped else ""
+    _record(f"built for {archs_s}{dropped} from {res.library}")
+    _say(f"built the CUDA library {target} for {archs_s}{dropped} in {res.seconds:.0f} s "
          f"({len(res.compiled)} source(s) compiled, the rest reused).")
 
 
@@ -124,4 +136,24 @@ class BuildPyWithCuda(build_py):
         return outs + ([so] if os.path.isfile(os.path.join(PKG_CUDA, "_hilt_cuda.so")) else [])
 
 
-setup(cmdclass={"build_py": BuildPyWithCuda})
+class PlatformWheel(bdist_wheel):
+    """A wheel carrying _hilt_cuda.so is a platform wheel (py3-none-<plat>), else a pure one."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if os.path.isfile(os.path.join(PKG_CUDA, "_hilt_cuda.so")):
+            self.root_is_pure = False
+
+    def run(self):
+        build_cuda_library()  # before the purity decision (build_py would only run later)
+        self.root_is_pure = not os.path.isfile(os.path.join(PKG_CUDA, "_hilt_cuda.so"))
+        super().run()
+
+    def get_tag(self):
+        python, abi, plat = super().get_tag()
+        if self.root_is_pure:
+            return python, abi, plat
+        return "py3", "none", plat
+
+
+setup(cmdclass={"build_py": BuildPyWithCuda, "bdist_wheel": PlatformWheel})

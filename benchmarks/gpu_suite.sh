@@ -144,6 +144,16 @@ run bench_small_ops 75 bench_small_ops.log $PY benchmarks/bench_small_ops.py "${
 run bench_models 35 bench_models.log $PY benchmarks/bench_models.py "${QUICK[@]}" \
     --budget-s "$(budget_for 35 15)" --out "$R" --tag models_gpu
 
+# ---- CUDA launch-bounds A/B (issue 12) ------------------------------------------------------------------
+# Default build vs HILT_CUDA_DEFINES="HILT_BLA_BWD_MIN_BLOCKS=2 HILT_APOOL_BWD_MIN_BLOCKS=2" (2 CTAs/SM for the
+# bla / attention_pool backward kernels): builds both for this GPU's arch, times both backward kernels, compares
+# their gradients; table in the log and results/cuda_launch_bounds_ab.md. Defaults change only on a measured gain.
+if [ $(( BUDGET - $(elapsed) )) -ge 100 ]; then
+    run cuda_launch_bounds_ab 120 cuda_launch_bounds_ab.log $PY -m hilt_kernels.cuda.ab_launch_bounds \
+        --out "$R" --budget-s "$(budget_for 120 15)"
+fi
+# ---- end of the CUDA launch-bounds A/B -----------------------------------------------------------------------
+
 # 6. with what is left: other head dims and fp16, fwd+bwd (no FlexAttention: it compiles per head dim)
 if [ $(( BUDGET - $(elapsed) )) -ge 60 ]; then
     run bench_attention_sweep 90 bench_attention_sweep.log $PY benchmarks/bench_attention.py "${QUICK[@]}" \

@@ -9,8 +9,8 @@ __all__ = ["functional", "load", "__version__"]
 
 def load(path, device="cpu", **kwargs):
     """The model saved in a checkpoint folder (``hilt train`` writes ``<run>/checkpoint``), in eval mode.
-    See :func:`hilt.checkpoint.load`."""
-    from .checkpoint import load as _load
+    See :func:`hilt.training.checkpoint.load`."""
+    from .training.checkpoint import load as _load
 
     return _load(path, device=device, **kwargs)
 

@@ -11,7 +11,7 @@ __all__ = ["main", "eval_main", "generate_main"]
 def _device(arg: Optional[str], threads: Optional[int] = None) -> str:
     import torch
 
-    from .train import Dist, cpu_threads
+    from .training.distributed import Dist, cpu_threads
 
     if arg in (None, "auto"):
         arg = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,9 +42,10 @@ def build_eval_parser(prog: str = "hilt eval") -> argparse.ArgumentParser:
 
 def eval_main(argv: Optional[list[str]] = None, prog: str = "hilt eval") -> int:
     args = build_eval_parser(prog).parse_args(argv)
-    from .checkpoint import CheckpointError, load, read_state
-    from .data import CorpusError, load_corpus
-    from .train import DTYPES, evaluate
+    from .training.checkpoint import CheckpointError, load, read_state
+    from .training.data import CorpusError, load_corpus
+    from .training.config import DTYPES
+    from .training.evaluate import evaluate
 
     try:
         state = read_state(args.ckpt)
@@ -86,8 +87,8 @@ def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParse
 
 def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate") -> int:
     args = build_generate_parser(prog).parse_args(argv)
-    from .checkpoint import CheckpointError, load
-    from .data import decode, encode
+    from .training.checkpoint import CheckpointError, load
+    from .training.data import decode, encode
     from .generate import generate
 
     try:
@@ -128,15 +129,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = p.parse_args(argv[:1])
     rest = argv[1:]
     if ns.command == "train":
-        from .train import main as train_main
+        from .training.cli import main as train_main
 
         return train_main(rest, prog="hilt train")
     if ns.command == "npt-train":
-        from .npt_train import main as npt_train_main
+        from .training.npt import main as npt_train_main
 
         return npt_train_main(rest, prog="hilt npt-train")
     if ns.command == "ablate":
-        from .ablate import main as ablate_main
+        from .training.ablate import main as ablate_main
 
         return ablate_main(rest, prog="hilt ablate")
     if ns.command == "eval":

@@ -9,7 +9,8 @@ its class is swapped for a subclass whose forward, in NPT mode, is::
 
 and in standard mode is the original forward. The base weights keep their names (``model.layers.<i>.*``);
 the NP weights are ``model.layers.<i>.np.*``. :func:`hilt.models.npt.freeze_base`, ``set_npt_mode``,
-``standard_mode``, ``save_np_weights`` and ``load_np_weights`` work on the converted model. Written against
+``standard_mode``, ``save_np_weights`` and ``load_np_weights`` work on the converted model (importing this
+module registers the converter ``load_np_weights`` uses on an unconverted Hugging Face model). Written against
 the decoder-layer interface of transformers >= 4.56 (the layer returns a tensor); tested with 5.x.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Sequence, Union
 
 from torch import Tensor, nn
 
-from hilt.models.npt import NPComponent, NPTConfig, NPTError, _is_np_layer, _layer_list, npt_layers, parse_layers
+from hilt.models.npt import (NPComponent, NPTConfig, NPTError, _is_np_layer, _layer_list, npt_layers, parse_layers,
+                             register_converter)
 
 __all__ = ["convert_hf_llama_to_npt", "is_available"]
 
@@ -81,3 +83,7 @@ def convert_hf_llama_to_npt(model: nn.Module, layers: Union[str, int, Sequence[i
     cfg.layers = npt_layers(model)
     model.npt_config = cfg
     return idx
+
+
+# load_np_weights on a Hugging Face model converts it with this (models/npt.py never imports this module)
+register_converter(lambda layer: True, convert_hf_llama_to_npt)

@@ -47,6 +47,9 @@ def report() -> str:
     lines.append("backends:")
     for name, why in backend_availability().items():
         lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    from hilt_kernels.cuda._lib import describe as _cuda_describe  # the CUDA library: build, runtime, driver
+
+    lines += ["  " + x for x in _cuda_describe(torch.version.cuda)]
     lines.append("")
     lines.append(f"  {'backend':<10} {'dtypes':<20} {'head dims':<34} {'block sizes':<14} devices")
     for name in BACKENDS:

@@ -22,8 +22,10 @@
 //   dot = dout_h . v_t (LPR-lane butterfly), dscores_t,h = w (dot - gout_h), dvalues_t += w dout_h.
 //   No atomics: deterministic. dout/out are read element-wise through their strides (dout may be
 //   an expanded stride-0 gradient).
-// Limits: D <= 64 * VEC (fp32: 256, 16-bit: 512); shared values: H <= 512 (shared memory per warp);
-//   B * nb * H warps < 2^31 * 8.
+// Limits: D <= 64 * VEC (fp32: 256, 16-bit: 512); shared values: the backward keeps 3 floats per
+//   head per warp in dynamic shared memory (96 H bytes per CTA); above 48 KiB (H > 512) it opts in
+//   with cudaFuncSetAttribute, up to the device's limit (sm_80: 163 KiB, H <= 1738; sm_90: 227 KiB,
+//   H <= 2421; hilt_kernels/cuda/attention_pool.py allows H <= 1700). B * nb * H warps < 2^31 * 8.
 #include <math.h>
 
 #include "../common/hilt_common.cuh"
@@ -35,6 +37,12 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCH = 2;  // dim chunks per lane
+// Minimum resident CTAs per SM for the backward kernel (__launch_bounds__): 1 by default (~180
+// registers); a variant behind this flag (see bla_kernels.cuh, HILT_BLA_BWD_MIN_BLOCKS).
+#ifndef HILT_APOOL_BWD_MIN_BLOCKS
+#define HILT_APOOL_BWD_MIN_BLOCKS 1
+#endif
+constexpr size_t kDefaultSmem = 48 * 1024;  // dynamic shared memory without the opt-in attribute
 
 __device__ __forceinline__ float wmax(float x) {
 #pragma unroll
@@ -167,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1) apool_fwd_kernel(PoolIn in, const
 
 // One warp per (b, n, head range [h0, h0 + hc)): hc = 1 (per-head values) or H (shared values).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) apool_bwd_kernel(PoolIn in, const T* __restrict__ values, Strides4 sv,
+__global__ void __launch_bounds__(kThreads, HILT_APOOL_BWD_MIN_BLOCKS) apool_bwd_kernel(PoolIn in, const T* __restrict__ values, Strides4 sv,
                                                               const T* __restrict__ dout, Strides4 sdo,
                                                               const T* __restrict__ out, Strides4 so,
                                                               void* __restrict__ dscores, T* __restrict__ dvalues,
@@ -306,12 +314,27 @@ int run_bwd(const PoolIn& in, const void* values, Strides4 sv, const void* dout,
   if (g.nch > 32 * kCH)
     return hilt_fail(HILT_ERR_UNSUPPORTED, "hilt_apool_backward: D=%lld too large (max %d for this dtype)",
                      (long long)D, 32 * kCH * Vec<T>::N);
-  if (shared_values && H > 512)
-    return hilt_fail(HILT_ERR_UNSUPPORTED, "hilt_apool_backward: shared values need H <= 512 (got %lld)", (long long)H);
   const int64_t warps = B * g.nb * (shared_values ? 1 : H);
   const int64_t grid = ceil_div(warps, kWarps);
   if (grid > kMaxGridX) return hilt_fail(HILT_ERR_UNSUPPORTED, "hilt_apool_backward: too many blocks");
   const size_t smem = (size_t)kWarps * 3 * (shared_values ? H : 1) * sizeof(float);
+  if (smem > kDefaultSmem) {  // shared values, H > 512: opt in to more dynamic shared memory
+    int dev = 0, optin = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e != cudaSuccess)
+      return hilt_fail(HILT_ERR_CUDA, "hilt_apool_backward: cannot query the shared memory limit: %s",
+                       cudaGetErrorString(e));
+    if (smem > (size_t)optin)
+      return hilt_fail(HILT_ERR_UNSUPPORTED,
+                       "hilt_apool_backward: shared values with H=%lld need %zu bytes of shared memory > %d on this "
+                       "device (H <= %d)",
+                       (long long)H, smem, optin, optin / (kWarps * 3 * (int)sizeof(float)));
+    e = cudaFuncSetAttribute(apool_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess)
+      return hilt_fail(HILT_ERR_CUDA, "hilt_apool_backward: cudaFuncSetAttribute(%zu bytes) failed: %s", smem,
+                       cudaGetErrorString(e));
+  }
   const int vin = vec_ok<T>(values, sv, D);
   apool_bwd_kernel<T><<<(unsigned)grid, kThreads, smem, s>>>(
       in, static_cast<const T*>(values), sv, static_cast<const T*>(dout), sdo, static_cast<const T*>(out), so, dscores,
@@ -336,8 +359,8 @@ HILT_API int hilt_apool_forward(const void* scores, const void* values, const vo
     return hilt_fail(HILT_ERR_ARG, "hilt_apool_forward: null strides");
   if (B == 0 || T == 0 || H == 0 || D == 0) return HILT_OK;
   if (!scores || !values || !out) return hilt_fail(HILT_ERR_ARG, "hilt_apool_forward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_apool_forward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_apool_forward");
+  if (guard.rc) return guard.rc;
   const int64_t bs = block_size < T ? block_size : T;
   PoolIn in{scores, scores_dtype, strides3(scores_strides), static_cast<const uint8_t*>(kpm),
             strides2(kpm ? kpm_strides : nullptr)};
@@ -370,8 +393,8 @@ HILT_API int hilt_apool_backward(const void* dout, const void* scores, const voi
     return hilt_fail(HILT_ERR_UNSUPPORTED, "hilt_apool_backward: D = 0 (the caller returns zeros without a launch)");
   if (!dout || !scores || !values || !out || !dscores || !dvalues)
     return hilt_fail(HILT_ERR_ARG, "hilt_apool_backward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_apool_backward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_apool_backward");
+  if (guard.rc) return guard.rc;
   const int64_t bs = block_size < T ? block_size : T;
   PoolIn in{scores, scores_dtype, strides3(scores_strides), static_cast<const uint8_t*>(kpm),
             strides2(kpm ? kpm_strides : nullptr)};

@@ -72,8 +72,8 @@ HILT_API int hilt_bla_backward(const void* dout, const void* q, const void* k, c
   if (B == 0 || T == 0 || H == 0 || D == 0) return HILT_OK;  // every gradient is empty
   if (!dout || !q || !k || !v || !out || !lse || !dq || !dk || !dv || !delta_scratch)
     return hilt_fail(HILT_ERR_ARG, "hilt_bla_backward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_bla_backward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_bla_backward");
+  if (guard.rc) return guard.rc;
   BwdArgs a{dout, q, k, v, out, lse, static_cast<const uint8_t*>(kpm), dq, dk, dv, delta_scratch, B, T, H, D,
             block_size < T ? block_size : T, strides4(dout_strides), strides4(q_strides), strides4(k_strides),
             strides4(v_strides), strides4(out_strides), strides2(kpm ? kpm_strides : nullptr), scale, causal ? 1 : 0,

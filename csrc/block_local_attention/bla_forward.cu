@@ -58,8 +58,8 @@ HILT_API int hilt_bla_forward(const void* q, const void* k, const void* v, const
     return hilt_fail(HILT_ERR_ARG, "hilt_bla_forward: null stride array");
   if (B == 0 || T == 0 || H == 0) return HILT_OK;  // nothing to compute
   if (!q || !k || !v || !out || !lse) return hilt_fail(HILT_ERR_ARG, "hilt_bla_forward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_bla_forward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_bla_forward");
+  if (guard.rc) return guard.rc;
   FwdArgs a{q, k, v, static_cast<const uint8_t*>(kpm), out, lse, B, T, H, D, block_size < T ? block_size : T,
             strides4(q_strides), strides4(k_strides), strides4(v_strides), strides2(kpm ? kpm_strides : nullptr),
             scale, causal ? 1 : 0, static_cast<cudaStream_t>(stream)};

@@ -47,6 +47,14 @@ namespace bla {
 constexpr int kThreads = 256;
 constexpr int kChunk = 32;
 
+// Minimum resident CTAs per SM asked of the compiler for the backward kernels (__launch_bounds__):
+// 1 by default (108-168 registers); 2 caps them at 128 registers (may spill). A/B:
+// `python -m hilt_kernels.cuda.ab_launch_bounds` (benchmarks/gpu_suite.sh); the default changes
+// only on a measured GPU gain.
+#ifndef HILT_BLA_BWD_MIN_BLOCKS
+#define HILT_BLA_BWD_MIN_BLOCKS 1
+#endif
+
 // Rows [start, end) of tile `tile` (R rows max; whole blocks when bs <= R). bs <= T is assumed.
 __host__ __device__ inline void tile_rows(int64_t tile, int64_t T, int64_t bs, int R, int64_t& start, int64_t& end) {
   if (bs <= R) {
@@ -181,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1) bla_fwd_kernel(
 
 // ------------------------------------------------------------------------------ backward: dq, delta
 template <typename T, int G, int DPT>
-__global__ void __launch_bounds__(kThreads, 1) bla_bwd_dq_kernel(
+__global__ void __launch_bounds__(kThreads, HILT_BLA_BWD_MIN_BLOCKS) bla_bwd_dq_kernel(
     const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ out, const float* __restrict__ lse, const uint8_t* __restrict__ kpm, T* __restrict__ dq,
     float* __restrict__ delta, int64_t Tn, int64_t H, int D, int64_t bs, int64_t tiles, Strides4 sdo, Strides4 sq,
@@ -283,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) bla_bwd_dq_kernel(
 
 // ------------------------------------------------------------------------------- backward: dk, dv
 template <typename T, int G, int DPT>
-__global__ void __launch_bounds__(kThreads, 1) bla_bwd_dkdv_kernel(
+__global__ void __launch_bounds__(kThreads, HILT_BLA_BWD_MIN_BLOCKS) bla_bwd_dkdv_kernel(
     const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ lse, const float* __restrict__ delta, const uint8_t* __restrict__ kpm,
     T* __restrict__ dk, T* __restrict__ dv, int64_t Tn, int64_t H, int D, int64_t bs, int64_t tiles, Strides4 sdo,

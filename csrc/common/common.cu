@@ -32,13 +32,25 @@ const char* hilt_dtype_name(int dtype) {
   }
 }
 
-int hilt_prepare(int device, const char* op) {
+hilt::DeviceGuard::DeviceGuard(int device, const char* op) {
   cudaGetLastError();  // clear a stale (non-sticky) error of this library's runtime
+  int cur = -1;
+  if (cudaGetDevice(&cur) != cudaSuccess) {
+    cudaGetLastError();
+    cur = -1;
+  }
+  if (cur == device) return;  // already current: nothing to change or restore
   cudaError_t e = cudaSetDevice(device);
-  if (e != cudaSuccess)
-    return hilt_fail(HILT_ERR_CUDA, "%s: cudaSetDevice(%d) failed: %s (%s)", op, device, cudaGetErrorString(e),
-                     cudaGetErrorName(e));
-  return HILT_OK;
+  if (e != cudaSuccess) {
+    rc = hilt_fail(HILT_ERR_CUDA, "%s: cudaSetDevice(%d) failed: %s (%s)", op, device, cudaGetErrorString(e),
+                   cudaGetErrorName(e));
+    return;
+  }
+  prev = cur;
+}
+
+hilt::DeviceGuard::~DeviceGuard() {
+  if (prev >= 0) cudaSetDevice(prev);
 }
 
 int hilt_check_launch(const char* op) {
@@ -53,9 +65,13 @@ int hilt_check_launch(const char* op) {
 
 HILT_API int hilt_abi_version(void) { return HILT_ABI_VERSION; }
 
+#ifndef HILT_BUILD_NOTE  // set by hilt_kernels/cuda/_build.py: nvcc, archs built and dropped, defines
+#define HILT_BUILD_NOTE "built outside hilt_kernels/cuda/_build.py"
+#endif
+
 HILT_API const char* hilt_build_info(void) {
   return "hilt CUDA library, ABI " HILT_STR(HILT_ABI_VERSION) ", built with CUDA runtime " HILT_STR(CUDART_VERSION)
-         " (statically linked)";
+         " (statically linked); " HILT_BUILD_NOTE;
 }
 
 HILT_API const char* hilt_last_error(void) { return g_err; }

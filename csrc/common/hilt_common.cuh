@@ -2,8 +2,11 @@
 //
 // * Error handling: every extern "C" launcher returns an int code (HILT_OK = 0) and, on failure,
 //   leaves a message in a per-thread buffer read with `hilt_last_error()` (common.cu).
-// * `hilt_prepare(device, op)` selects the caller's device (the library links its own static CUDA
-//   runtime, whose "current device" is independent of torch's) and clears stale runtime errors;
+// * `hilt::DeviceGuard guard(device, op)` makes the caller's device current for the launch and
+//   restores the previously current device when the launcher returns: cudaSetDevice (even in this
+//   library's static runtime) changes the calling thread's current CUDA context, which torch's
+//   runtime reads as its current device. It also clears stale runtime errors. guard.rc != 0: the
+//   device could not be selected (message in hilt_last_error()).
 //   `hilt_check_launch(op)` turns a failed launch into an error code + message.
 // * Dtype helpers: `ld<T>` / `st<T>` convert one element to / from fp32 (T = float, __half,
 //   __nv_bfloat16); `ld_any` / `st_any` do the same with a runtime dtype tag (for small side inputs
@@ -25,11 +28,19 @@ enum HiltDtype { HILT_F32 = 0, HILT_F16 = 1, HILT_BF16 = 2 };
 
 // Host helpers (common.cu).
 int hilt_fail(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
-int hilt_prepare(int device, const char* op);
 int hilt_check_launch(const char* op);
 const char* hilt_dtype_name(int dtype);
 
 namespace hilt {
+
+struct DeviceGuard {
+  int prev = -1;  // device to restore (-1: nothing changed)
+  int rc = HILT_OK;
+  DeviceGuard(int device, const char* op);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+};
 
 template <typename T> __device__ __forceinline__ float ld(const T* p);
 template <> __device__ __forceinline__ float ld<float>(const float* p) { return *p; }

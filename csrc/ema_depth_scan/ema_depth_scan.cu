@@ -203,8 +203,8 @@ HILT_API int hilt_ema_forward(const void* values, const float* alpha, const void
   if (!values_strides || (init && !init_strides)) return hilt_fail(HILT_ERR_ARG, "hilt_ema_forward: null strides");
   if (L == 0 || R == 0 || C == 0) return HILT_OK;
   if (!values || !alpha || !out) return hilt_fail(HILT_ERR_ARG, "hilt_ema_forward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_ema_forward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_ema_forward");
+  if (guard.rc) return guard.rc;
   Strides3 sv = strides3(values_strides);
   Strides2 si = strides2(init ? init_strides : nullptr);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -232,8 +232,8 @@ HILT_API int hilt_ema_backward(const void* grad, const void* values, const float
     return hilt_fail(HILT_ERR_ARG, "hilt_ema_backward: empty input (the caller handles L = 0 or N = 0)");
   if (!grad || !values || !alpha || !dvalues || !dalpha || !workspace)
     return hilt_fail(HILT_ERR_ARG, "hilt_ema_backward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_ema_backward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_ema_backward");
+  if (guard.rc) return guard.rc;
   Strides3 sg = strides3(grad_strides), sv = strides3(values_strides);
   Strides2 si = strides2(init ? init_strides : nullptr);
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -204,8 +204,8 @@ HILT_API int hilt_w2a_forward(const void* q, const void* k, const void* v, void*
   const int64_t N = B * T * H;
   if (N == 0 || D == 0) return HILT_OK;
   if (!q || !k || !v || !out) return hilt_fail(HILT_ERR_ARG, "hilt_w2a_forward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_w2a_forward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_w2a_forward");
+  if (guard.rc) return guard.rc;
   Strides5 sq = strides5(q_strides), sk = strides5(k_strides), sv = strides5(v_strides);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int c = causal ? 1 : 0;
@@ -228,8 +228,8 @@ HILT_API int hilt_w2a_backward(const void* dout, const void* q, const void* k, c
   const int64_t N = B * T * H;
   if (N == 0 || D == 0) return HILT_OK;
   if (!dout || !q || !k || !v || !dq || !dk || !dv) return hilt_fail(HILT_ERR_ARG, "hilt_w2a_backward: null data pointer");
-  int rc = hilt_prepare(device, "hilt_w2a_backward");
-  if (rc) return rc;
+  hilt::DeviceGuard guard(device, "hilt_w2a_backward");
+  if (guard.rc) return guard.rc;
   Strides5 sg = strides5(dout_strides), sq = strides5(q_strides), sk = strides5(k_strides), sv = strides5(v_strides);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int c = causal ? 1 : 0;

@@ -257,14 +257,3 @@ class Llama(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_parameters={self.num_parameters()}"
-
-
-def _register() -> None:
-    from hilt.checkpoint import ModelSpec, register_model
-
-    register_model(ModelSpec("llama", "llama", Llama, LlamaConfig,
-                             description="Llama-style decoder (RMSNorm, SwiGLU, RoPE); NPT base model"),
-                   overwrite=True)
-
-
-_register()

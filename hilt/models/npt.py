@@ -32,7 +32,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ __all__ = [
     "MODULATE", "NPTConfig", "NPTError", "NPComponent", "NPTLayer", "parse_layers", "convert_to_npt",
     "npt_layers", "freeze_base", "np_parameters", "np_state_dict", "set_npt_mode", "standard_mode",
     "revert_layers", "save_np_weights", "load_np_weights", "load_npt", "scaffolded_forward", "ScaffoldOutput",
-    "LayerStats", "lerp_states", "NP_FORMAT_VERSION", "read_np_metadata",
+    "LayerStats", "lerp_states", "NP_FORMAT_VERSION", "read_np_metadata", "register_converter",
 ]
 
 MODULATE = {"single": ("gate",), "dual": ("gate", "up"), "triple": ("gate", "up", "down")}
@@ -433,6 +433,29 @@ def read_np_metadata(path: Union[str, os.PathLike]) -> dict:
     return out
 
 
+_CONVERTERS: list[tuple[Callable[[nn.Module], bool], Callable[..., list[int]]]] = []
+
+
+def register_converter(accepts: Callable[[nn.Module], bool], convert: Callable[..., list[int]]) -> None:
+    """Teach :func:`load_np_weights` to convert a model whose layers are not :class:`LlamaLayer` s:
+    ``accepts(first_layer)`` says whether ``convert(model, layers, np_rank=, num_ranks=, modulate=)`` applies.
+    :mod:`hilt.hf` registers the Hugging Face Llama converter when imported (so this module never imports
+    the adapter)."""
+    _CONVERTERS.append((accepts, convert))
+
+
+def _converter_for(model: nn.Module) -> Callable[..., list[int]]:
+    first = _layer_list(model)[0]
+    if isinstance(first, LlamaLayer):
+        return convert_to_npt
+    for accepts, convert in reversed(_CONVERTERS):
+        if accepts(first):
+            return convert
+    raise NPTError(f"{type(model).__name__}: its layers ({type(first).__name__}) are not hilt Llama layers and no "
+                   "converter is registered for them; for a Hugging Face model, `import hilt.hf` first (it "
+                   "registers convert_hf_llama_to_npt)")
+
+
 def load_np_weights(model: nn.Module, path: Union[str, os.PathLike]) -> list[int]:
     """Load NP weights saved by :func:`save_np_weights` into ``model``. A model without NP layers is
     converted first with the saved settings; one with NP layers must match them. Returns the NP layers."""
@@ -442,9 +465,7 @@ def load_np_weights(model: nn.Module, path: Union[str, os.PathLike]) -> list[int
     meta = read_np_metadata(path)
     saved = meta["npt_config"]
     if not npt_layers(model):
-        convert = convert_to_npt
-        if not isinstance(_layer_list(model)[0], LlamaLayer):  # a Hugging Face model
-            from hilt.hf import convert_hf_llama_to_npt as convert
+        convert = _converter_for(model)
         convert(model, saved["layers"], np_rank=saved["np_rank"], num_ranks=saved["num_ranks"],
                 modulate=saved["modulate"])
     cfg = model.npt_config
@@ -467,7 +488,7 @@ def load_npt(np_path: Union[str, os.PathLike], base: Union[str, os.PathLike, Non
              device="cpu") -> nn.Module:
     """A base checkpoint (``base``, default: the ``base_checkpoint`` recorded in the NP file) loaded with
     :func:`hilt.load`, converted, with the NP weights loaded; in eval mode, NP layers in NPT mode."""
-    from hilt.checkpoint import load
+    from hilt.training.checkpoint import load
 
     meta = read_np_metadata(np_path)
     base = base if base is not None else meta.get("base_checkpoint")

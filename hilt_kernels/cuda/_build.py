@@ -12,12 +12,18 @@ Standard library only: ``setup.py`` loads this file by path (it must not import 
   next to it, ``<obj>.ptxas.txt``, for the register/spill table), one ``-gencode`` per arch
   (SASS) plus PTX of the newest arch; linked with ``nvcc -shared -cudart static``.
 * Archs: ``HILT_CUDA_ARCHS`` (``"80;90"``, ``"sm_80,sm_90"``), else ``TORCH_CUDA_ARCH_LIST``
-  (``"8.0;9.0+PTX"``), else sm_80 and sm_90.
+  (``"8.0;9.0+PTX"``, or names such as ``"Ampere;Hopper"``), else sm_80 and sm_90. Archs this nvcc
+  cannot build (``nvcc --list-gpu-arch``; CUDA 13 dropped everything below sm_75) are dropped with a
+  note instead of failing the build; the note is compiled into the library (``hilt_build_info()``,
+  shown by ``hilt info``) because pip hides setup.py's messages without ``-v``.
+* ``HILT_CUDA_DEFINES`` (``"HILT_BLA_MIN_BLOCKS=2 HILT_APOOL_MIN_BLOCKS=2"``): extra ``-D`` macros,
+  e.g. the launch-bounds variants of csrc/ (part of the flags hash, so variants build side by side).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import os
 import re
@@ -62,14 +68,26 @@ def nvcc_version(nvcc: str) -> str:
     return f"{m.group(1)} ({m.group(2)})" if m else out.strip().splitlines()[-1] if out.strip() else "unknown"
 
 
+# TORCH_CUDA_ARCH_LIST's architecture names (as torch.utils.cpp_extension understands them).
+ARCH_NAMES = {
+    "kepler+tesla": ["37"], "kepler": ["35"], "maxwell+tegra": ["53"], "maxwell": ["50", "52"],
+    "pascal": ["60", "61"], "volta+tegra": ["72"], "volta": ["70"], "turing": ["75"],
+    "ampere+tegra": ["87"], "ampere": ["80", "86"], "ada": ["89"], "hopper": ["90"], "blackwell": ["100", "120"],
+}
+
+
 def parse_archs(spec: str) -> list[tuple[str, bool]]:
-    """``"8.0;9.0+PTX"`` / ``"80,90"`` / ``"sm_80 sm_90"`` -> [("80", False), ("90", True)]."""
+    """``"8.0;9.0+PTX"`` / ``"80,90"`` / ``"sm_80 sm_90"`` / ``"Ampere;Hopper+PTX"`` -> [("80", False), ...]."""
     archs: list[tuple[str, bool]] = []
     for tok in re.split(r"[;,\s]+", spec.strip()):
         if not tok:
             continue
         ptx = tok.upper().endswith("+PTX")
         tok = tok[:-4] if ptx else tok
+        if tok.lower() in ARCH_NAMES:
+            names = ARCH_NAMES[tok.lower()]
+            archs += [(a, ptx and i == len(names) - 1) for i, a in enumerate(names)]
+            continue
         tok = tok.lower().removeprefix("sm_").removeprefix("compute_")
         if "." in tok:
             major, minor = tok.split(".", 1)
@@ -88,6 +106,56 @@ def archs_from_env() -> list[tuple[str, bool]]:
         if spec:
             return parse_archs(spec)
     return [(a, False) for a in DEFAULT_ARCHS]
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_archs(nvcc: str) -> tuple[str, ...] | None:
+    """The archs this nvcc can compile for (``nvcc --list-gpu-arch``), or None if it cannot tell."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except Exception:  # pragma: no cover
+        return None
+    found = tuple(m.group(1) for m in re.finditer(r"compute_(\d+[a-z]?)", out))
+    return found or None
+
+
+def filter_archs(archs: list[tuple[str, bool]], supported) -> tuple[list[tuple[str, bool]], list[str]]:
+    """(archs the toolkit supports, ["sm_70", ...] dropped). Raises ValueError if none is left."""
+    if supported is None:
+        return list(archs), []
+    keep, dropped, seen = [], [], set()
+    for a, ptx in archs:
+        if a in seen:
+            continue
+        seen.add(a)
+        (keep if a in supported else dropped).append((a, ptx))
+    if not keep:
+        want = ", ".join("sm_" + a for a, _ in archs)
+        oldest = min(supported, key=lambda x: int(re.match(r"\d+", x).group()))
+        raise ValueError(f"none of the requested archs ({want}) is supported by this nvcc (it supports sm_{oldest} "
+                         "and newer)")
+    return keep, [f"sm_{a}" for a, _ in dropped]
+
+
+def extra_defines() -> list[str]:
+    """``-D`` flags from ``HILT_CUDA_DEFINES`` (space/semicolon separated NAME[=VALUE])."""
+    out = []
+    for tok in re.split(r"[;\s]+", os.environ.get("HILT_CUDA_DEFINES", "").strip()):
+        if tok:
+            if not re.fullmatch(r"[A-Za-z_]\w*(=[\w.]+)?", tok):
+                raise ValueError(f"bad HILT_CUDA_DEFINES entry {tok!r} (NAME or NAME=VALUE)")
+            out.append(f"-D{tok}")
+    return out
+
+
+def build_note(version: str, archs, dropped: list[str], defines: list[str]) -> str:
+    """The text compiled into hilt_build_info() (no commas: nvcc splits -D values on them)."""
+    note = f"nvcc {version.split()[0]}; archs {' '.join('sm_' + a for a, _ in archs)}"
+    if dropped:
+        note += f"; dropped {' '.join(dropped)} (not supported by this nvcc)"
+    if defines:
+        note += f"; defines {' '.join(d[2:] for d in defines)}"
+    return note.replace(",", " ").replace('"', "'")
 
 
 def gencode_flags(archs: list[tuple[str, bool]]) -> list[str]:
@@ -140,6 +208,8 @@ class BuildResult:
     ptxas_logs: dict[str, str] = field(default_factory=dict)  # source -> ptxas report
     command_example: str = ""
     archs: list[tuple[str, bool]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # requested archs this nvcc cannot build
+    note: str = ""  # compiled into the library: archs built / dropped, defines
 
 
 def build(root: str | None = None, archs: list[tuple[str, bool]] | None = None, jobs: int | None = None,
@@ -151,26 +221,38 @@ def build(root: str | None = None, archs: list[tuple[str, bool]] | None = None, 
     nvcc = find_nvcc()
     if nvcc is None:
         return BuildResult(False, error="nvcc was not found (not on PATH, no CUDA_HOME/bin/nvcc)")
-    archs = archs or archs_from_env()
+    try:
+        archs = archs or archs_from_env()
+        archs, dropped = filter_archs(archs, nvcc_archs(nvcc))
+        defines = extra_defines()
+    except ValueError as e:
+        return BuildResult(False, error=str(e))
     srcs = sources(root)
     if not srcs:
         return BuildResult(False, error=f"no .cu sources under {csrc_dir(root)}")
-    flags = BASE_FLAGS + gencode_flags(archs)
     version = nvcc_version(nvcc)
+    note = build_note(version, archs, dropped, defines)
+    if dropped:
+        log(f"hilt: dropped {', '.join(dropped)} from the arch list: nvcc {version} cannot build them")
+    flags = BASE_FLAGS + defines + gencode_flags(archs)
     key = hashlib.sha256(("\0".join([version, nvcc] + flags)).encode()).hexdigest()[:12]
     objdir = os.path.join(root, "build", "hilt_cuda", key)
     os.makedirs(objdir, exist_ok=True)
     hdr = _headers_digest(root)
-    res = BuildResult(False, archs=archs)
+    res = BuildResult(False, archs=archs, dropped=dropped, note=note)
+    note_flag = f'-DHILT_BUILD_NOTE="{note}"'  # common.cu only (hilt_build_info)
     res.command_example = " ".join([nvcc, *flags, "-c", "<file.cu>", "-o", "<file.o>"])
 
     def obj_of(src):
         rel = os.path.relpath(src, csrc_dir(root)).replace(os.sep, "__")
         return os.path.join(objdir, rel[:-3] + ".o")
 
+    def src_flags(src):
+        return [note_flag] if os.path.basename(src) == "common.cu" else []
+
     def digest(src):
         with open(src, "rb") as fh:
-            return hashlib.sha256(hdr + fh.read()).hexdigest()
+            return hashlib.sha256(hdr + fh.read() + " ".join(src_flags(src)).encode()).hexdigest()
 
     todo = []
     for src in srcs:
@@ -183,7 +265,7 @@ def build(root: str | None = None, archs: list[tuple[str, bool]] | None = None, 
 
     def compile_one(src):
         obj = obj_of(src)
-        cmd = [nvcc, *flags, "-I", csrc_dir(root), "-c", src, "-o", obj + ".tmp"]
+        cmd = [nvcc, *flags, *src_flags(src), "-I", csrc_dir(root), "-c", src, "-o", obj + ".tmp"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         return src, obj, cmd, p
 

@@ -112,6 +112,47 @@ def last_error(lib) -> str:
     return msg.decode(errors="replace") if msg else ""
 
 
+def cuda_version_str(v: int) -> str:
+    """12040 -> "12.4"."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_version(lib) -> int:
+    """The CUDA version the installed driver supports (e.g. 12040), 0 when there is no driver."""
+    v = ctypes.c_int(0)
+    return v.value if lib.hilt_cuda_driver_version(ctypes.byref(v)) == 0 else 0
+
+
+def driver_problem(lib, torch_cuda: str | None = None) -> str | None:
+    """Why the driver cannot run this library (None: no driver problem detected)."""
+    runtime, driver = lib.hilt_cuda_runtime_version(), driver_version(lib)
+    if driver == 0:
+        return "no NVIDIA driver is installed (cudaDriverGetVersion failed)"
+    if driver < runtime:
+        match = f" ({torch_cuda} here)" if torch_cuda else ""
+        return (f"the NVIDIA driver supports CUDA {cuda_version_str(driver)}, but the library links the CUDA "
+                f"{cuda_version_str(runtime)} runtime statically, which needs a newer driver (CUDA 13: the 580 "
+                f"series or newer). Upgrade the driver, or rebuild hilt with the CUDA toolkit matching "
+                f"torch.version.cuda{match}: HILT_FORCE_CUDA_BUILD=1 CUDA_HOME=<that toolkit> "
+                f"pip install --no-build-isolation -e .")
+    return None
+
+
+def describe(torch_cuda: str | None = None) -> list[str]:
+    """Lines for ``hilt info``: library path, build info (archs built / dropped), runtime and driver."""
+    lib, why = load()
+    if lib is None:
+        return [f"cuda library: not loaded: {why}"]
+    lines = [f"cuda library: {library_path()}", f"  {lib.hilt_build_info().decode(errors='replace')}"]
+    runtime, driver = lib.hilt_cuda_runtime_version(), driver_version(lib)
+    lines.append(f"  CUDA runtime {cuda_version_str(runtime)} (static), driver supports "
+                 + (cuda_version_str(driver) if driver else "nothing (no driver)"))
+    problem = driver_problem(lib, torch_cuda)
+    if problem:
+        lines.append(f"  driver problem: {problem}")
+    return lines
+
+
 @functools.lru_cache(maxsize=None)
 def device_reason() -> str | None:
     """None when the library sees at least one CUDA device, else why not (library loaded)."""
@@ -121,7 +162,9 @@ def device_reason() -> str | None:
     count = ctypes.c_int(0)
     rc = lib.hilt_cuda_device_count(ctypes.byref(count))
     if rc != 0:
-        return f"no CUDA device is usable by the CUDA library ({last_error(lib)})"
+        why = f"no CUDA device is usable by the CUDA library ({last_error(lib)})"
+        problem = driver_problem(lib)
+        return why + (f"; {problem}" if problem and "no NVIDIA driver" not in problem else "")
     if count.value == 0:
         return "no CUDA device (cudaGetDeviceCount found 0 devices)"
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _lib
@@ -22,8 +24,19 @@ def ptr(t: torch.Tensor | None):
     return None if t is None else (t.data_ptr() or None)
 
 
+def emulated() -> bool:
+    """True under ``HILT_CUDA_EMULATOR=1``: the library is the CPU emulator build of csrc/ (tests/cuda/emulator)
+    and the tensors are CPU tensors."""
+    return os.environ.get("HILT_CUDA_EMULATOR", "") == "1"
+
+
 def launch_ctx(t: torch.Tensor) -> tuple[int, int | None]:
-    """(device index, current stream handle) for launching on ``t``'s device."""
+    """(device index, current stream handle) for launching on ``t``'s device.
+
+    Under the emulator (:func:`emulated`): (``$HILT_CUDA_EMULATOR_DEVICE`` or 0, stream 0); the CPU
+    tensors' pointers are passed as they are."""
+    if emulated():
+        return int(os.environ.get("HILT_CUDA_EMULATOR_DEVICE", "0")), None
     dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return dev, torch.cuda.current_stream(t.device).cuda_stream or None
 

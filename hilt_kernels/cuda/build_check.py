@@ -3,8 +3,10 @@
 1. Compiles every ``csrc/**.cu`` for sm_80 and sm_90 with ``-Xptxas -v`` (objects are cached in
    ``build/hilt_cuda/<flags hash>/`` and shared with setup.py's build; ``--force`` recompiles) and
    links the library (``-cudart static``). Any compile or link error: exit 1.
-2. Prints registers, static shared memory, stack and spill bytes of every kernel and arch; a spill
-   in any kernel (they are all hot): exit 1.
+2. Prints registers, static shared memory, stack and spill bytes of every kernel and arch, and the
+   resident CTAs per SM they allow (``blk/SM``: from registers, shared memory, the CTA size and the
+   per-SM limits of the arch; ``lb``: the ``__launch_bounds__`` minimum asked of the compiler); a
+   spill in any kernel (they are all hot): exit 1.
 3. Loads the library with ctypes, checks the ABI version and that every symbol of
    ``hilt_kernels.cuda._lib.SIGNATURES`` is exported, that ``hilt_last_error`` round-trips a
    message, and (without a GPU) that a launcher returns an error code and message instead of crashing.
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
+import re
 import sys
 
 if __package__ in (None, ""):  # run as a script: make `hilt_kernels.cuda` importable without its parent
@@ -27,6 +31,59 @@ from hilt_kernels.cuda import _lib  # noqa: E402
 
 CHECK_ARCHS = [("80", False), ("90", False)]
 
+# Per-SM limits (CUDA C++ Programming Guide, compute capabilities table): registers (4 sub-partitions
+# of 16K, allocated per warp in units of 256), threads, resident CTAs, shared memory per SM and the
+# 1 KiB the runtime reserves per CTA.
+SM_LIMITS = {
+    "sm_80": dict(regs=65536, threads=2048, ctas=32, smem=164 * 1024, reserved=1024),
+    "sm_86": dict(regs=65536, threads=1536, ctas=16, smem=100 * 1024, reserved=1024),
+    "sm_89": dict(regs=65536, threads=1536, ctas=24, smem=100 * 1024, reserved=1024),
+    "sm_90": dict(regs=65536, threads=2048, ctas=32, smem=228 * 1024, reserved=1024),
+}
+# Dynamic shared memory per CTA at launch (the rest use none): attention_pool backward keeps 3 floats
+# per warp (8 warps) per head: 96 B with per-head values (shown), 96 * H with values shared by H heads.
+DYNAMIC_SMEM = {"apool_bwd_kernel": 96}
+
+
+def launch_bounds(root: str | None = None) -> dict[str, tuple[int, int]]:
+    """{kernel base name: (max threads per CTA, min CTAs per SM)} from the csrc/ sources'
+    ``__launch_bounds__`` (constexpr ints and ``#define``s resolved; ``HILT_CUDA_DEFINES`` applied).
+    Every csrc/ kernel is launched with exactly its launch-bounds CTA size."""
+    out: dict[str, tuple[int, int]] = {}
+    overrides = dict(d[2:].split("=", 1) if "=" in d else (d[2:], "1") for d in _build.extra_defines())
+    for d, _dirs, files in os.walk(_build.csrc_dir(root)):
+        for f in files:
+            if not f.endswith((".cu", ".cuh")):
+                continue
+            with open(os.path.join(d, f)) as fh:
+                text = fh.read()
+            consts = {m.group(1): m.group(2) for m in re.finditer(r"constexpr\s+int\s+(\w+)\s*=\s*([^;]+);", text)}
+            consts.update({m.group(1): m.group(2) for m in re.finditer(r"#define\s+(\w+)\s+(\S+)", text)})
+            consts.update(overrides)
+
+            def ev(expr, depth=0):
+                expr = re.sub(r"\b[A-Za-z_]\w*\b", lambda m: f"({ev(consts[m.group(0)], depth + 1)})"
+                              if m.group(0) in consts and depth < 8 else m.group(0), expr)
+                return int(eval(expr, {"__builtins__": {}}))  # noqa: S307 - integer constant expressions of csrc/
+
+            for m in re.finditer(r"__launch_bounds__\(([^,()]+)(?:,\s*([^()]+))?\)\s*(\w+)\s*\(", text):
+                out[m.group(3)] = (ev(m.group(1)), ev(m.group(2)) if m.group(2) else 1)
+    return out
+
+
+def blocks_per_sm(k: _build.KernelInfo, threads: int, dyn_smem: int = 0) -> tuple[int, str]:
+    """(resident CTAs per SM, the limiting resource) for a kernel build on its arch."""
+    lim = SM_LIMITS.get(k.arch, SM_LIMITS["sm_90"])
+    warps = math.ceil(threads / 32)
+    by = {"threads": lim["threads"] // (warps * 32), "ctas": lim["ctas"]}
+    if k.registers:
+        per_warp = math.ceil(k.registers * 32 / 256) * 256
+        by["regs"] = (lim["regs"] // 4 // per_warp) * 4 // warps
+    by["smem"] = lim["smem"] // (k.smem + dyn_smem + lim["reserved"])
+    n = min(by.values())
+    order = ["threads", "ctas", "regs", "smem"]  # on a tie, name the structural limit first
+    return n, min(by, key=lambda r: (by[r], order.index(r)))
+
 
 def kernel_table(result: _build.BuildResult) -> tuple[str, list[_build.KernelInfo]]:
     infos: list[_build.KernelInfo] = []
@@ -36,11 +93,16 @@ def kernel_table(result: _build.BuildResult) -> tuple[str, list[_build.KernelInf
     for k in infos:
         k.name = _build.short_name(names.get(k.name, k.name))
     infos.sort(key=lambda k: (k.source, k.name, k.arch))
+    bounds = launch_bounds()
     w = max([len(k.name) for k in infos] + [6])
-    lines = [f"{'kernel':<{w}}  arch   regs  smem(B)  stack(B)  spill st/ld(B)  source"]
+    lines = [f"{'kernel':<{w}}  arch   regs  smem(B)  stack(B)  spill st/ld(B)  CTA  lb  blk/SM        source"]
     for k in infos:
+        base = k.name.split("<")[0]
+        threads, lb = bounds.get(base, (256, 1))
+        n, why = blocks_per_sm(k, threads, DYNAMIC_SMEM.get(base, 0))
+        lim = f"({why})"
         lines.append(f"{k.name:<{w}}  {k.arch:<6} {k.registers:>4}  {k.smem:>7}  {k.stack:>8}  "
-                     f"{k.spill_stores:>6}/{k.spill_loads:<6}  {k.source}")
+                     f"{k.spill_stores:>6}/{k.spill_loads:<6}  {threads:>3}  {lb:>2}  {n:>2} {lim:<9}  {k.source}")
     return "\n".join(lines), infos
 
 

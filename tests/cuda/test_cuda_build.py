@@ -53,6 +53,7 @@ def test_build_check_passes(library, capsys):
                    "ema_dalpha_kernel", "w2a_fwd_kernel", "w2a_bwd_kernel", "apool_fwd_kernel", "apool_bwd_kernel"):
         assert kernel in out, f"{kernel} missing from the ptxas table"
     assert "sm_80" in out and "sm_90" in out
+    assert "blk/SM" in out and "(regs" in out  # the occupancy column
 
 
 def test_build_check_skips_without_nvcc(monkeypatch, capsys):
@@ -71,6 +72,7 @@ def test_library_exports_every_symbol(library):
     assert set(_lib.LAUNCHERS) == {f"hilt_{op}_{d}" for op in ("bla", "ema", "w2a", "apool")
                                    for d in ("forward", "backward")}
     assert b"statically linked" in lib.hilt_build_info()
+    assert b"archs sm_80 sm_90" in lib.hilt_build_info()  # the build note (archs built / dropped)
 
 
 @needs_nvcc

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hilt.npt_train import CurriculumError, Stage, parse_curriculum, parse_layer_weights, stage_at
+from hilt.training.npt import CurriculumError, Stage, parse_curriculum, parse_layer_weights, stage_at
 
 
 def test_parse_good_string():

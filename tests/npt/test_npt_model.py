@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import hilt
-from hilt.checkpoint import get_model_spec, save_checkpoint
+from hilt.training.checkpoint import get_model_spec, save_checkpoint
 from hilt.generate import generate
 from hilt.models import Llama, LlamaConfig, NPTLayer, convert_to_npt, freeze_base
 from hilt.models import npt as N
@@ -231,6 +231,34 @@ def test_np_weights_round_trip(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(N.NPTError, match="cannot read"):
         N.load_np_weights(tiny_llama(), tmp_path / "bad.safetensors")
+
+
+def test_load_np_weights_converts_other_models_only_through_a_registered_converter(tmp_path, monkeypatch):
+    """models/npt.py never imports the HF adapter: other layer types are converted by a converter that
+    hilt.hf (or anyone) registers; without one the error says what to import."""
+    m = tiny_llama()
+    convert_to_npt(m, "1,3", np_rank=6, num_ranks=2, modulate="triple")
+    path = N.save_np_weights(m, tmp_path / "np.safetensors")
+
+    class Foreign(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(4)])
+
+    monkeypatch.setattr(N, "_CONVERTERS", [])
+    with pytest.raises(N.NPTError, match="import hilt.hf"):
+        N.load_np_weights(Foreign(), path)
+    calls = []
+
+    def convert(model, layers, **kw):
+        calls.append((layers, kw))
+        raise RuntimeError("stop here")
+
+    N.register_converter(lambda layer: isinstance(layer, torch.nn.Linear), convert)
+    with pytest.raises(RuntimeError, match="stop here"):
+        N.load_np_weights(Foreign(), path)
+    assert calls == [([1, 3], {"np_rank": 6, "num_ranks": 2, "modulate": "triple"})]
+    assert N.load_np_weights(tiny_llama(), path) == [1, 3]  # hilt's own Llama never asks the converters
 
 
 # --------------------------------------------------------------------------- scaffolding and RoPE

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from hilt.checkpoint import save_checkpoint
+from hilt.training.checkpoint import save_checkpoint
 from hilt.cli import main
-from hilt.data import load_corpus
+from hilt.training.data import load_corpus
 from hilt.models import GPT, GPTConfig, convert_to_npt, freeze_base
 from hilt.models import npt as N
-from hilt.npt_train import NPTTrainConfig, make_sampler, npt_loss, parse_curriculum
-from hilt.train import Dist
+from hilt.training.npt import NPTTrainConfig, make_sampler, npt_loss, parse_curriculum
+from hilt.training.distributed import Dist
 
 from .helpers import rand_ids, tiny_llama
 

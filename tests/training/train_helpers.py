@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hilt.train import TrainConfig
+from hilt.training.config import TrainConfig
 
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, "dropout": 0.0, "ilt_dim": 16,
               "ilt_dropout": 0.0}

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hilt
-from hilt.train import TrainConfig, TrainingError, train
+from hilt.training.config import TrainConfig, TrainingError
+from hilt.training.loop import train
 from .train_helpers import tiny_config
 
 

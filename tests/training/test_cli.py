@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from hilt.cli import main
-from hilt.train import build_parser
+from hilt.training.cli import build_parser
 
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--max-seq-len", "32", "--ilt-dim", "16",
         "--batch-size", "4", "--eval-iters", "2", "--no-progress", "--seed", "0", "--threads", "1"]

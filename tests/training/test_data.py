@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import hilt.data as hd
-from hilt.data import BatchSampler, CorpusError, eval_batches, list_stdlib_files, load_corpus, split_files
+import hilt.training.data as hd
+from hilt.training.data import BatchSampler, CorpusError, eval_batches, list_stdlib_files, load_corpus, split_files
 
 
 def _fake_stdlib(root):

@@ -141,7 +141,7 @@ def test_cache_errors_are_clear():
 
 
 def test_cli_generate_same_text_with_and_without_the_cache(tmp_path, capsys):
-    from hilt.checkpoint import save_checkpoint
+    from hilt.training.checkpoint import save_checkpoint
     from hilt.cli import main as cli_main
 
     m = _build("hilt", "rope")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hilt
-import hilt.checkpoint as hc
-from hilt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import hilt.training.checkpoint as hc
+from hilt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hilt.models import GPT, HILT, BlockHierarchicalLM, BlockHierarchicalLMConfig, GPTConfig, HILTConfig
 
 

@@ -11,8 +11,11 @@ import torch
 
 import hilt
 from hilt.models import GPT
-from hilt.checkpoint import model_types
-from hilt.train import TrainingError, cpu_threads, enable_grad_checkpointing, train
+from hilt.training.checkpoint import model_types
+from hilt.training.config import TrainingError
+from hilt.training.distributed import cpu_threads
+from hilt.training.loop import train
+from hilt.training.model import enable_grad_checkpointing
 
 from .train_helpers import tiny_config
 
@@ -104,7 +107,7 @@ def test_grad_checkpoint_wraps_layers_and_ilts_once():
 
 
 def test_cpu_threads(monkeypatch):
-    from hilt.train import Dist
+    from hilt.training.distributed import Dist
 
     assert cpu_threads(3, Dist()) == 3
     cores = len(os.sched_getaffinity(0))

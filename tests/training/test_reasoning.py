@@ -12,10 +12,11 @@ import torch
 
 from hilt.cli import main as cli_main
 from hilt.models import LFormer, LFormerConfig
-from hilt.reasoning import (PLAN_END, PLAN_LEN, PLAN_TASKS, PLAN_VOCAB, TOOLS, VALUE_SCALE, LFormerTraining,
+from hilt.training.lformer import (PLAN_END, PLAN_LEN, PLAN_TASKS, PLAN_VOCAB, TOOLS, VALUE_SCALE, LFormerTraining,
                             collate, evaluate_reasoning, lformer_head_config, make_examples, predict,
                             reasoning_metrics, split_of, tool_rule)
-from hilt.train import TrainConfig, train
+from hilt.training.config import TrainConfig
+from hilt.training.loop import train
 
 from .train_helpers import tiny_config
 
@@ -182,7 +183,7 @@ def test_phase_options(tmp_path, text_dir):
         tiny_config(text_dir, tmp_path, model="gpt", phase_a_steps=2).validate()
     with pytest.raises(ValueError, match="phase-b-unfreeze"):
         _hook(phase_b_unfreeze="5")
-    from hilt.reasoning import resolve_phases
+    from hilt.training.lformer import resolve_phases
     cfg = resolve_phases(TrainConfig(model="lformer", max_steps=100, phase_a_steps=7, phase_b_steps=5))
     assert cfg.max_steps == 12
     assert resolve_phases(TrainConfig(model="lformer", max_steps=100)).max_steps == 100

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hilt.train import TrainConfig, train
+from hilt.training.config import TrainConfig
+from hilt.training.loop import train
 from .train_helpers import tiny_config
 
 

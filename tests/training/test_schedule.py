@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hilt.models import HILT, HILTConfig
-from hilt.train import TrainConfig, WarmupCosine, configure_optimizer, ilt_scale_at, lr_at
+from hilt.training.config import TrainConfig
+from hilt.training.schedule import WarmupCosine, configure_optimizer, ilt_scale_at, lr_at
 
 
 def test_lr_warmup_then_cosine():

@@ -5,7 +5,7 @@ import json
 import math
 
 
-from hilt.ablate import ABLATION_MODELS, count_parameters, matched_model_configs
+from hilt.training.ablate import ABLATION_MODELS, count_parameters, matched_model_configs
 from hilt.cli import main as cli_main
 
 

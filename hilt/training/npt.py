@@ -1,0 +1,511 @@
+"""``hilt npt-train``: multi-layer NPT training with teacher scaffolding (DESIGN.md, NPT).
+
+Start from a trained Llama checkpoint (``hilt train --model llama``), convert some layers to NP layers,
+freeze the base, and train only the NP weights:
+
+1. the teacher is the same model with every NP layer in standard mode, run without gradient;
+2. a curriculum (``--curriculum``) sets, step by step, how much of the teacher's hidden state the NP
+   layers see: ``stage:steps[:attn_ratio[:mlp_ratio]]``, comma-separated, stages ``teacher`` / ``mixed`` /
+   ``student``; ratio r: 0 = teacher, 1 = student, ``(1 - r) teacher + r student`` of the attention input
+   (attn_ratio) and of the MLP residual input (mlp_ratio);
+3. the loss: per-layer direct loss (MSE of ``MLP_mod(...)`` against the teacher's ``a + MLP(norm(h + a))``),
+   weighted over layers (``--layer-weights uniform|linear|w1,w2,...``), plus ``--kl-weight`` x
+   KL(teacher || student) of the final next-token distribution, plus ``--reg-weight`` x the mean squared
+   norms of v_a and v_b;
+4. logs (``metrics.csv``): stage, ratios, losses, and per layer the direct loss, v_a / v_b norms and the
+   v_a-attention cosine similarity of every rank; fidelity (KL, next-token agreement with the teacher) and
+   val bits/byte of teacher and student before training, every ``--eval-every`` steps and at the end;
+5. the NP weights only, as safetensors (atomic), ``np_weights.safetensors``; ``summary.json``.
+
+It reuses the parts of ``hilt train``: processes and devices (:mod:`.distributed`), the corpus and sampler
+(:mod:`.data`), the LR schedule (:mod:`.schedule`), the run folder (:mod:`.logging`) and the CLI wrapper
+(:mod:`.cli`); only the teacher-scaffolded step, its loss and the fidelity evaluation are its own.
+
+Several processes: ``torchrun --nproc_per_node=N -m hilt.npt_train ...``: DDP over the NP weights; each rank
+reads its own shard of every global batch (:class:`hilt.training.data.BatchSampler`), so no data is duplicated.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hilt.models import npt as N
+
+from .checkpoint import load, read_state
+from .cli import run_cli
+from .config import TrainingError
+from .data import BatchSampler, eval_batches, load_corpus
+from .distributed import Dist, all_reduce, cpu_threads, rank0_first, resolve_device, setup_distributed, wrap_model
+from .evaluate import LN2
+from .logging import new_run_dir
+from .schedule import WarmupCosine
+
+__all__ = ["STAGES", "Stage", "CurriculumError", "parse_curriculum", "stage_at", "parse_layer_weights",
+           "NPTTrainConfig", "NPTScaffold", "npt_loss", "evaluate_fidelity", "make_sampler", "train_npt",
+           "build_parser", "main"]
+
+STAGES = ("teacher", "mixed", "student")
+DEFAULT_CURRICULUM = "teacher:100,mixed:100:0.5,student:100"
+
+
+class CurriculumError(ValueError):
+    """A malformed ``--curriculum`` or ``--layer-weights``; the message names the bad part."""
+
+
+# ------------------------------------------------------------------------------------- curriculum
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+    attn_ratio: float
+    mlp_ratio: float
+    start: int = 0  # first step (0-based) of the stage
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def _ratio(text: str, what: str, part: str, i: int) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise CurriculumError(f"curriculum part {i} {part!r}: {what} {text!r} is not a number") from None
+    if not (math.isfinite(r) and 0.0 <= r <= 1.0):
+        raise CurriculumError(f"curriculum part {i} {part!r}: {what} {text!r} must be in [0, 1] "
+                              "(0 = teacher, 1 = student)")
+    return r
+
+
+def parse_curriculum(spec: str) -> list[Stage]:
+    """``stage:steps[:attn_ratio[:mlp_ratio]]``, comma-separated, into :class:`Stage` s.
+
+    Defaults: ``teacher`` = 0 / 0 (both inputs are the teacher's), ``student`` = 1 / 1, ``mixed`` =
+    attn_ratio 0.5 and mlp_ratio = attn_ratio. A teacher stage's attn_ratio must be 0 and a student stage's
+    1 when given (say ``mixed`` otherwise); mlp_ratio is free (``teacher:N:0:1`` feeds the NP layers the
+    teacher's attention input and the student's own residual stream). Ratios are constant within a stage."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise CurriculumError("curriculum is empty; expected 'stage:steps[:attn_ratio[:mlp_ratio]],...' "
+                              f"with stages {'/'.join(STAGES)}")
+    stages: list[Stage] = []
+    start = 0
+    for i, part in enumerate(spec.split(","), 1):
+        raw = part.strip()
+        fields = [f.strip() for f in raw.split(":")]
+        if not raw:
+            raise CurriculumError(f"curriculum part {i} is empty (a stray comma?) in {spec!r}")
+        if len(fields) < 2 or len(fields) > 4:
+            raise CurriculumError(f"curriculum part {i} {raw!r}: expected stage:steps[:attn_ratio[:mlp_ratio]]")
+        name = fields[0].lower()
+        if name not in STAGES:
+            raise CurriculumError(f"curriculum part {i} {raw!r}: unknown stage {fields[0]!r} "
+                                  f"(use {', '.join(STAGES)})")
+        if not fields[1].isdigit() or int(fields[1]) < 1:
+            raise CurriculumError(f"curriculum part {i} {raw!r}: steps {fields[1]!r} is not a positive integer")
+        steps = int(fields[1])
+        default = {"teacher": 0.0, "mixed": 0.5, "student": 1.0}[name]
+        attn = _ratio(fields[2], "attn_ratio", raw, i) if len(fields) > 2 and fields[2] != "" else default
+        mlp = _ratio(fields[3], "mlp_ratio", raw, i) if len(fields) > 3 and fields[3] != "" else (
+            attn if name == "mixed" else default)
+        if name == "teacher" and attn != 0.0:
+            raise CurriculumError(f"curriculum part {i} {raw!r}: a teacher stage has attn_ratio 0; "
+                                  f"use 'mixed:{steps}:{fields[2]}' for a mix")
+        if name == "student" and attn != 1.0:
+            raise CurriculumError(f"curriculum part {i} {raw!r}: a student stage has attn_ratio 1; "
+                                  f"use 'mixed:{steps}:{fields[2]}' for a mix")
+        stages.append(Stage(name, steps, attn, mlp, start))
+        start += steps
+    return stages
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    """The stage of optimizer step ``step`` (0-based); past the end, the last stage."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    for s in stages:
+        if step < s.end:
+            return s
+    return stages[-1]
+
+
+def parse_layer_weights(spec: str, n: int) -> list[float]:
+    """``uniform`` (all 1), ``linear`` (from 1 at the first NP layer down to 1/n at the last), or ``n``
+    comma-separated non-negative numbers (not all 0). The direct loss is ``sum w_i L_i / sum w_i``."""
+    if n < 1:
+        raise CurriculumError("layer weights need at least one NP layer")
+    s = str(spec).strip().lower()
+    if s == "uniform":
+        return [1.0] * n
+    if s == "linear":
+        return [1.0 - j / n for j in range(n)]
+    parts = [p.strip() for p in s.split(",")]
+    if len(parts) != n:
+        raise CurriculumError(f"layer weights {spec!r}: expected 'uniform', 'linear' or {n} comma-separated "
+                              f"numbers (one per NP layer), got {len(parts)}")
+    out = []
+    for p in parts:
+        try:
+            w = float(p)
+        except ValueError:
+            raise CurriculumError(f"layer weights {spec!r}: {p!r} is not a number") from None
+        if not math.isfinite(w) or w < 0:
+            raise CurriculumError(f"layer weights {spec!r}: {p!r} must be a finite number >= 0")
+        out.append(w)
+    if sum(out) <= 0:
+        raise CurriculumError(f"layer weights {spec!r}: at least one must be > 0")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- config
+
+@dataclass
+class NPTTrainConfig:
+    ckpt: str = ""                   # base Llama checkpoint folder (hilt train --model llama)
+    layers: str = "upper_half"       # all | upper_half | lower_half | A-B | A,B,C
+    np_rank: int = 64
+    num_ranks: int = 1
+    modulate: str = "dual"           # single | dual | triple
+    curriculum: str = DEFAULT_CURRICULUM
+    layer_weights: str = "uniform"
+    data: Optional[str] = None       # None: the data the base was trained on
+    out: Optional[str] = None        # None: runs/npt-<YYYYmmdd-HHMMSS>
+    device: str = "auto"
+    threads: Optional[int] = None
+    seed: int = 1337
+    batch_size: int = 8              # global sequences per step (split between processes)
+    seq_len: Optional[int] = None    # None: the model's max_seq_len
+    lr: float = 1e-3
+    min_lr: Optional[float] = None   # None: lr / 10
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    direct_weight: float = 1.0
+    kl_weight: float = 1.0
+    reg_weight: float = 1e-4
+    eval_every: int = 0              # 0: before training and at the end only
+    eval_iters: int = 10
+    eval_batch_size: Optional[int] = None
+    progress: bool = True
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if not self.ckpt:
+            raise TrainingError("--ckpt (a Llama checkpoint folder) is required")
+        N.NPTConfig(np_rank=self.np_rank, num_ranks=self.num_ranks, modulate=self.modulate).validate()
+        parse_curriculum(self.curriculum)
+        for name in ("batch_size", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("direct_weight", "kl_weight", "reg_weight", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise TrainingError(f"{name} must be a finite number >= 0, got {v}")
+        if not self.lr > 0:
+            raise TrainingError(f"lr must be > 0, got {self.lr}")
+
+
+# --------------------------------------------------------------------------------------- the pieces
+
+class NPTScaffold(nn.Module):
+    """The model under teacher scaffolding as one module (what DDP wraps): ``forward(ids, attn_ratio,
+    mlp_ratio) -> ScaffoldOutput``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attn_ratio: float, mlp_ratio: float, key_padding_mask=None) -> N.ScaffoldOutput:
+        return N.scaffolded_forward(self.model, ids, attn_ratio, mlp_ratio, key_padding_mask)
+
+
+def kl_teacher_student(teacher_logits, student_logits) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, summed over the vocabulary, mean over tokens."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def npt_loss(out: N.ScaffoldOutput, weights: list[float], cfg: NPTTrainConfig) -> tuple[torch.Tensor, dict]:
+    """(total loss, parts): ``direct_weight * sum w_i L_i / sum w_i + kl_weight * KL + reg_weight * mean reg``."""
+    idx = sorted(out.layers)
+    w = torch.tensor(weights, dtype=torch.float32, device=out.student_logits.device)
+    direct = torch.stack([out.layers[i].direct_loss for i in idx])
+    direct = (w * direct).sum() / w.sum()
+    reg = torch.stack([out.layers[i].reg for i in idx]).mean()
+    kl = kl_teacher_student(out.teacher_logits, out.student_logits)
+    total = cfg.direct_weight * direct + cfg.kl_weight * kl + cfg.reg_weight * reg
+    return total, {"direct": direct.detach(), "kl": kl.detach(), "reg": reg.detach()}
+
+
+@torch.no_grad()
+def evaluate_fidelity(model: nn.Module, data: np.ndarray, batch_size: int, seq_len: int, iters: Optional[int], *,
+                      device, seed: int = 0, d: Dist = Dist()) -> dict:
+    """Student (NPT) vs teacher (standard mode) on ``data``: KL(teacher || student) per token, next-token
+    agreement (argmax equal), and the bits per byte of both against the real next bytes."""
+    was = model.training
+    model.eval()
+    tot = torch.zeros(5, dtype=torch.float64, device=device)  # kl, agree, ce_teacher, ce_student, tokens
+    for ids, targets in eval_batches(data, batch_size, seq_len, iters, seed=seed, rank=d.rank,
+                                     world_size=d.world_size, device=device):
+        if ids.numel() == 0:
+            continue
+        out = N.scaffolded_forward(model, ids, 1.0, 1.0)
+        t, s = out.teacher_logits.float(), out.student_logits.float()
+        n = targets.numel()
+        tot[0] += kl_teacher_student(t, s).double() * n
+        tot[1] += (t.argmax(-1) == s.argmax(-1)).sum()
+        tot[2] += F.cross_entropy(t.flatten(0, 1), targets.flatten(), reduction="sum").double()
+        tot[3] += F.cross_entropy(s.flatten(0, 1), targets.flatten(), reduction="sum").double()
+        tot[4] += n
+    all_reduce(tot, d)
+    model.train(was)
+    n = tot[4].clamp_min(1)
+    return {"kl": (tot[0] / n).item(), "agreement": (tot[1] / n).item(),
+            "teacher_bpb": (tot[2] / n).item() / LN2, "student_bpb": (tot[3] / n).item() / LN2,
+            "tokens": int(tot[4].item())}
+
+
+def make_sampler(corpus_train: np.ndarray, cfg: NPTTrainConfig, seq_len: int, d: Dist, device) -> BatchSampler:
+    """Every rank draws the same global batch and keeps its own rows (no duplicated data across ranks)."""
+    return BatchSampler(corpus_train, cfg.batch_size, seq_len, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+                        device=device)
+
+
+def _csv_fields(layers: list[int], num_ranks: int) -> list[str]:
+    f = ["step", "stage", "attn_ratio", "mlp_ratio", "lr", "loss", "direct", "kl", "reg", "grad_norm", "skipped"]
+    for i in layers:
+        f += [f"layer{i}_direct", f"layer{i}_v_a_norm", f"layer{i}_v_b_norm", f"layer{i}_v_a_attn_cos"]
+        f += [f"layer{i}_v_a_attn_cos_r{k}" for k in range(num_ranks)]
+    return f + ["val_kl", "val_agreement", "val_student_bpb", "val_teacher_bpb", "seconds"]
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+@dataclass
+class NPTTrainResult:
+    out_dir: Path
+    before: dict
+    after: dict
+    history: list = field(default_factory=list)
+    model: Optional[nn.Module] = None
+    paths: dict = field(default_factory=dict)
+
+
+def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
+    cfg.validate()
+    stages = parse_curriculum(cfg.curriculum)
+    max_steps = stages[-1].end
+    d = setup_distributed(cfg.device)
+    device = resolve_device(cfg.device, d)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.threads, d))
+    log = log if d.master else (lambda *a, **k: None)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # base model, conversion, frozen base
+    state = read_state(cfg.ckpt)
+    if state["model_type"] != "llama":
+        raise TrainingError(f"--ckpt {cfg.ckpt}: holds a {state['model_type']!r} model; NPT needs a Llama "
+                            "checkpoint (hilt train --model llama)")
+    model = load(cfg.ckpt, device=device, eval_mode=False)
+    layers = N.convert_to_npt(model, cfg.layers, np_rank=cfg.np_rank, num_ranks=cfg.num_ranks,
+                              modulate=cfg.modulate)
+    model.to(device)
+    weights = parse_layer_weights(cfg.layer_weights, len(layers))
+    n_train = N.freeze_base(model)
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise TrainingError(f"seq_len must be in 1..{model.config.max_seq_len}, got {seq_len}")
+
+    # data
+    data = cfg.data if cfg.data is not None else (state.get("train_config") or {}).get("data")
+    with rank0_first(d):  # rank 0 builds the token cache
+        corpus = load_corpus(data, use_cache=cfg.use_cache)
+    sampler = make_sampler(corpus.train, cfg, seq_len, d, device)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+
+    # optimizer over the NP weights only
+    params = N.np_parameters(model)
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95))
+    schedule = WarmupCosine(optimizer, cfg.lr, cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
+                            cfg.warmup, max_steps)
+    scaffold, _ = wrap_model(NPTScaffold(model), compile=False, ddp=d.enabled, device=device)
+
+    # output
+    out = new_run_dir(cfg.out, "npt", d)
+    paths = {"csv": out / "metrics.csv", "weights": out / "np_weights.safetensors", "summary": out / "summary.json",
+             "config": out / "npt_config.json"}
+    fields = _csv_fields(layers, cfg.num_ranks)
+    if d.master:
+        out.mkdir(parents=True, exist_ok=True)
+        paths["config"].write_text(json.dumps(dict(asdict(cfg), npt=model.npt_config.to_dict(),
+                                                   stages=[asdict(s) for s in stages]), indent=2) + "\n")
+        with open(paths["csv"], "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+
+    log(f"hilt npt-train: {cfg.ckpt} ({model.config.n_layers} layers, d_model {model.config.d_model}); NP layers "
+        f"{layers} (np_rank {cfg.np_rank}, num_ranks {cfg.num_ranks}, {cfg.modulate}); {n_train:,} trainable "
+        f"parameters; device {device}, {d.world_size} process(es)")
+    log(f"corpus: {corpus.describe()}")
+    log("curriculum: " + ", ".join(f"{s.name} steps {s.start}-{s.end - 1} (attn {s.attn_ratio:g}, mlp "
+                                   f"{s.mlp_ratio:g})" for s in stages) + f"; layer weights {weights}")
+
+    def run_eval() -> dict:
+        return evaluate_fidelity(model, corpus.val, eval_bs, seq_len, cfg.eval_iters, device=device,
+                                 seed=cfg.seed + 1, d=d)
+
+    def fmt(m: dict) -> str:
+        return (f"KL(teacher||student) {m['kl']:.4f} nats/token, next-token agreement {100 * m['agreement']:.2f}%, "
+                f"val bits/byte student {m['student_bpb']:.4f} / teacher {m['teacher_bpb']:.4f}")
+
+    def save(step: int) -> None:
+        if d.master:
+            N.save_np_weights(model, paths["weights"], {"base_checkpoint": str(Path(cfg.ckpt).resolve()),
+                                                        "step": step})
+
+    before = run_eval()
+    log(f"before: {fmt(before)}")
+    history: list[dict] = []
+    after = before
+    pbar = None
+    if d.master and cfg.progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=max_steps, desc="npt-train", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    scaffold.train()
+    try:
+        for step in range(max_steps):
+            stage = stage_at(stages, step)
+            lr = schedule.set(step)
+            ids, _ = sampler.next_batch()
+            out_s = scaffold(ids, stage.attn_ratio, stage.mlp_ratio)
+            loss, parts = npt_loss(out_s, weights, cfg)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
+            flags = torch.tensor([float(not torch.isfinite(loss).item()), float(not torch.isfinite(grad_norm).item())],
+                                 device=device)
+            all_reduce(flags, d)
+            bad = bool(flags.sum().item() > 0)
+            if not bad:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            vals = torch.stack([loss.detach(), parts["direct"], parts["kl"], parts["reg"]]).double()
+            all_reduce(vals, d)
+            vals /= d.world_size
+            row = {"step": step + 1, "stage": stage.name, "attn_ratio": stage.attn_ratio, "mlp_ratio": stage.mlp_ratio,
+                   "lr": lr, "loss": vals[0].item(), "direct": vals[1].item(), "kl": vals[2].item(),
+                   "reg": vals[3].item(), "grad_norm": grad_norm.item(), "skipped": int(bad)}
+            for i, st in out_s.layers.items():
+                row[f"layer{i}_direct"] = st.direct_loss.item()
+                row[f"layer{i}_v_a_norm"] = st.v_a_norm.item()
+                row[f"layer{i}_v_b_norm"] = st.v_b_norm.item()
+                row[f"layer{i}_v_a_attn_cos"] = st.v_a_attn_cos.mean().item()
+                for k, c in enumerate(st.v_a_attn_cos.tolist()):
+                    row[f"layer{i}_v_a_attn_cos_r{k}"] = c
+            is_last = step + 1 == max_steps
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last:
+                after = run_eval()
+                row.update(val_kl=after["kl"], val_agreement=after["agreement"], val_student_bpb=after["student_bpb"],
+                           val_teacher_bpb=after["teacher_bpb"])
+                msg = f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt(after)}"
+                pbar.write(msg) if pbar is not None else log(msg)
+                save(step + 1)
+            row["seconds"] = time.perf_counter() - t_start
+            history.append(row)
+            if d.master:
+                with open(paths["csv"], "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=fields).writerow(row)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(stage=stage.name, loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.3f}")
+    finally:
+        if pbar is not None:
+            pbar.close()
+    seconds = time.perf_counter() - t_start
+    if d.master:
+        paths["summary"].write_text(json.dumps({"before": before, "after": after, "steps": max_steps,
+                                                "seconds": seconds, "layers": layers, "trainable_parameters": n_train,
+                                                "base_checkpoint": str(Path(cfg.ckpt).resolve()),
+                                                "config": asdict(cfg)}, indent=2) + "\n")
+    log(f"after:  {fmt(after)}")
+    log(f"wrote {out}/ in {seconds:.0f} s: np_weights.safetensors (NP weights only), metrics.csv, summary.json")
+    return NPTTrainResult(out, before, after, history, model, paths)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def build_parser(prog: str = "hilt npt-train") -> argparse.ArgumentParser:
+    D = NPTTrainConfig()
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert layers of a trained Llama checkpoint to neuro-plastic (NP) layers and train only their "
+                    "weights with teacher scaffolding (the same model in standard mode is the teacher). Writes "
+                    "metrics.csv, np_weights.safetensors (NP weights only) and summary.json (fidelity and val "
+                    "bits/byte before and after).",
+        epilog="curriculum: comma-separated stage:steps[:attn_ratio[:mlp_ratio]], stages teacher (0/0), mixed "
+               "(default 0.5, mlp = attn) and student (1/1); ratio 0 = the teacher's hidden state, 1 = the "
+               "student's, linear in between. Example: teacher:200,mixed:100:0.3,mixed:100:0.7,student:200.\n"
+               "Several processes: torchrun --nproc_per_node=N -m hilt.npt_train ...")
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="base Llama checkpoint (hilt train --model llama)")
+    p.add_argument("--layers", help=f"layers to convert: all, upper_half, lower_half, A-B or A,B,C (0-based; "
+                                    f"default: {D.layers})")
+    p.add_argument("--np-rank", type=int, help=f"bottleneck width r of the v generators (default: {D.np_rank})")
+    p.add_argument("--num-ranks", type=int, help=f"rank-1 terms k per projection (default: {D.num_ranks})")
+    p.add_argument("--modulate", choices=list(N.MODULATE), help=f"modulated projections: single = gate, dual = "
+                                                               f"gate+up, triple = gate+up+down (default: {D.modulate})")
+    p.add_argument("--curriculum", help=f"stages (default: {D.curriculum}); the total is the number of steps")
+    p.add_argument("--layer-weights", help="direct-loss weights over the NP layers: uniform, linear (1 down to 1/n) "
+                                           "or a comma list, one per layer (default: uniform)")
+    p.add_argument("--data", metavar="FILE|DIR", help="text (default: what the base was trained on)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/npt-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--device", help="auto|cpu|cuda|cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads per process")
+    p.add_argument("--seed", type=int, help=f"seed (default: {D.seed})")
+    p.add_argument("--batch-size", type=int, help=f"global sequences per step (default: {D.batch_size})")
+    p.add_argument("--seq-len", type=int, help="training window (default: the model's max_seq_len)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate, warmup + cosine (default: {D.lr:g})")
+    p.add_argument("--min-lr", type=float, help="final learning rate (default: lr / 10)")
+    p.add_argument("--warmup", type=int, help=f"warmup steps (default: {D.warmup})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on NP matrices (default: {D.weight_decay:g})")
+    p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip; 0: off (default: {D.grad_clip:g})")
+    p.add_argument("--direct-weight", type=float, help=f"weight of the per-layer direct loss (default: {D.direct_weight:g})")
+    p.add_argument("--kl-weight", type=float, help=f"weight of KL(teacher || student) (default: {D.kl_weight:g})")
+    p.add_argument("--reg-weight", type=float, help=f"weight of the v_a/v_b norm penalty (default: {D.reg_weight:g})")
+    p.add_argument("--eval-every", type=int, help="evaluate fidelity every N steps (default: 0 = before and at the end)")
+    p.add_argument("--eval-iters", type=int, help=f"validation batches per eval (default: {D.eval_iters})")
+    p.add_argument("--eval-batch-size", type=int, help="sequences per validation batch (default: --batch-size)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.add_argument("--no-cache", dest="use_cache", action="store_const", const=False, help="do not use the token cache")
+    return p
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "hilt npt-train") -> int:
+    args = build_parser(prog).parse_args(argv)
+    names = {f.name for f in dataclasses.fields(NPTTrainConfig)}
+    cfg = NPTTrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    return run_cli(lambda: train_npt(cfg), prog)
