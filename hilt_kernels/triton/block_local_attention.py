@@ -41,7 +41,7 @@ is supported (the large-block path loops over key tiles).
     ``_bla_bwd_dkdv_large`` (program per key tile, loop over the block's query tiles from the
     diagonal on when causal) reads it. No atomics.
 * Path choice (``_SMALL_MAX_FWD`` / ``_SMALL_MAX_BWD``): the forward uses the small path for
-  b <= 128 (fp32: 64) and the backward for b <= 64 (fp32: 32, and only with D <= 64) (the backward
+  b <= 128 (fp32: 64, or 32 with D > 64) and the backward for b <= 64 (fp32: 32, and only with D <= 64) (the backward
   holds ~3x the forward's registers); bigger blocks use the large path, whose fp32 backward has its
   own smaller tiles (every 16-bit backward tile spills in fp32). These limits and the config pruning below come from
   ptxas register/spill reports for sm_90 (compiled here, not run: ``tests/ops/test_triton_compile.py``).
@@ -501,13 +501,16 @@ FWD_SMALL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                      for (bm, w) in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8))]
 BWD_SMALL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                      for (bm, w) in ((32, 4), (32, 8), (64, 4), (64, 8))]
-FWD_LARGE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                     for (bm, bn) in ((64, 64), (128, 64), (128, 32)) for w in (4, 8) for st in (2, 3)]
+FWD_LARGE_CONFIGS = (
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for (bm, bn) in ((64, 64), (128, 64), (128, 32)) for w in (4, 8) for st in (2, 3)]
+    + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)  # fp32 with D > 64 only
+       for (bm, bn) in ((32, 32), (32, 16), (16, 32)) for w in (4, 8)])
 # The backward lists hold the 16-bit tiles, then smaller tiles used for fp32 only (fp32 operands take
 # twice the registers and shared memory: every 16-bit backward tile spills in fp32).
 _BWD_DQ_TILES_16 = ((64, 64), (128, 32), (64, 32))
 _BWD_DKDV_TILES_16 = ((64, 64), (32, 128), (32, 64))
-_BWD_TILES_32 = ((32, 32), (16, 64), (64, 16))
+_BWD_TILES_32 = ((32, 32), (16, 64), (64, 16), (32, 16), (16, 16))
 BWD_DQ_LARGE_CONFIGS = (
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
      for (bm, bn) in _BWD_DQ_TILES_16 for w in (4, 8) for st in (2, 3)]
@@ -521,11 +524,14 @@ BWD_DKDV_LARGE_CONFIGS = (
 
 # fp32 configs free of spills on sm_90 (ptxas, tests/ops/test_triton_compile.py), as
 # (BLOCK_M, BLOCK_N, num_warps) for a head dim padded to <= 64 and to 128; num_stages 2 only.
+# Measured with and without a padding mask, at D = 64, 80 and 128 (D = 80: masked head dim, the worst case).
 _FP32_OK = {
-    "_bla_fwd_large": ({(64, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8)}, {(128, 32, 8)}),
-    "_bla_bwd_dq_large": ({(bm, bn, w) for (bm, bn) in _BWD_TILES_32 for w in (4, 8)},
-                          {(32, 32, 8), (16, 64, 8)}),
-    "_bla_bwd_dkdv_large": ({(bm, bn, w) for (bm, bn) in _BWD_TILES_32 for w in (4, 8)}, {(64, 16, 8)}),
+    "_bla_fwd_large": ({(64, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8)},
+                       {(32, 32, 8), (32, 16, 8), (16, 32, 4), (16, 32, 8)}),
+    "_bla_bwd_dq_large": ({(bm, bn, w) for (bm, bn) in ((32, 32), (16, 64), (64, 16)) for w in (4, 8)},
+                          {(16, 64, 8)}),
+    "_bla_bwd_dkdv_large": ({(bm, bn, w) for (bm, bn) in ((32, 32), (16, 64), (64, 16)) for w in (4, 8)},
+                            {(32, 16, 8), (16, 16, 4), (16, 16, 8)}),
 }
 
 
@@ -538,12 +544,17 @@ def _small_bwd_ok(fp32: bool, D: int) -> bool:
     return not (fp32 and D > 64)
 
 
+def _small_fwd_max(elem_size: int, D: int) -> int:
+    """Largest b on the small-path forward: fp32 with D > 64 spills from 64 rows on."""
+    return 32 if (elem_size == 4 and D > 64) else _SMALL_MAX_FWD[elem_size]
+
+
 def prune_small_fwd(configs, named_args, **kwargs):
-    """Small-path forward: tiles that hold at least one whole block (BLOCK_M >= b), minus the
-    128-row fp32 tile with a head dim > 64 (spills)."""
+    """Small-path forward: tiles that hold at least one whole block (BLOCK_M >= b), minus the fp32
+    tiles that spill (128 rows; 64 rows with a head dim > 64)."""
     bs = named_args["bs"]
-    drop_128 = _fp32(named_args) and named_args["D"] > 64
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs and not (drop_128 and c.kwargs["BLOCK_M"] == 128)]
+    cap = (32 if named_args["D"] > 64 else 64) if _fp32(named_args) else 128
+    kept = [c for c in configs if bs <= c.kwargs["BLOCK_M"] <= cap]
     return kept or [max(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
@@ -552,8 +563,8 @@ def prune_small_bwd(configs, named_args, **kwargs):
     bs = named_args["bs"]
     D = named_args["D"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs]
-    if _fp32(named_args):  # 64 fp32 rows spill with any warp count
-        lean = [c for c in kept if c.kwargs["BLOCK_M"] <= 32]
+    if _fp32(named_args):  # 64 fp32 rows spill with any warp count, 32 with 4 warps and a mask
+        lean = [c for c in kept if c.kwargs["BLOCK_M"] <= 32 and c.num_warps == 8]
     else:  # 64 rows with a 128-wide head dim spill with 4 warps
         lean = [c for c in kept if not (c.kwargs["BLOCK_M"] >= 64 and D > 64 and c.num_warps < 8)]
     return lean or kept or [max(configs, key=lambda c: c.kwargs["BLOCK_M"])]
@@ -652,7 +663,7 @@ def forward(q, k, v, block_size: int, causal: bool, scale: float, key_padding_ma
     BLOCK_D = _block_d(D)
     meta = dict(CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, DOT_PREC=_dot_prec(q.dtype),
                 BLOCK_D=BLOCK_D, EVEN_D=(BLOCK_D == D))
-    small = bs <= _SMALL_MAX_FWD[q.element_size()]
+    small = bs <= _small_fwd_max(q.element_size(), D)
     nb = triton.cdiv(T, bs)
     for b0, b1 in _batch_chunks(B):
         qc, kc, vc, oc, lc = q[b0:b1], k[b0:b1], v[b0:b1], out[b0:b1], lse[b0:b1]

@@ -115,14 +115,16 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2)}
 # block_local_attention: block sizes 8..256, both dtypes (fp16 and fp32 keep other paths/configs)
 # ---------------------------------------------------------------------------------------------
 BLA_BLOCKS = [8, 16, 24, 32, 64, 128, 256]
-BLA_CASES = [(b, dt, causal) for b in BLA_BLOCKS for dt in (torch.float32, torch.float16)
+BLA_CASES = [(b, dt, causal, 16) for b in BLA_BLOCKS for dt in (torch.float32, torch.float16)
              for causal in ((True, False) if b == 24 else (True,))]
+# fp32 with a head dim > 64 has its own kept configs (smaller tiles, the large-path backward)
+BLA_CASES += [(16, torch.float32, True, 80), (64, torch.float32, True, 80)]
 
 
-@pytest.mark.parametrize("b, dtype, causal", BLA_CASES,
-                         ids=[f"b{b}-{str(dt)[6:]}-{'causal' if c else 'full'}" for b, dt, c in BLA_CASES])
-def test_bla_every_kept_config(monkeypatch, b, dtype, causal):
-    B, H, D = 1, (2 if b < 128 else 1), 16
+@pytest.mark.parametrize("b, dtype, causal, D", BLA_CASES,
+                         ids=[f"b{b}-{str(dt)[6:]}-{'causal' if c else 'full'}-D{D}" for b, dt, c, D in BLA_CASES])
+def test_bla_every_kept_config(monkeypatch, b, dtype, causal, D):
+    B, H = 1, (2 if b < 128 else 1)
     T = 3 * b + 5 if b < 128 else b + 40  # several tiles, a short last block
     g = torch.Generator().manual_seed(b)
     masters = [torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3)]
