@@ -565,8 +565,10 @@ def prune_small_bwd(configs, named_args, **kwargs):
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs]
     if _fp32(named_args):  # 64 fp32 rows spill with any warp count, 32 with 4 warps and a mask
         lean = [c for c in kept if c.kwargs["BLOCK_M"] <= 32 and c.num_warps == 8]
-    else:  # 64 rows with a 128-wide head dim spill with 4 warps
-        lean = [c for c in kept if not (c.kwargs["BLOCK_M"] >= 64 and D > 64 and c.num_warps < 8)]
+    else:  # 64 rows with a 128-wide head dim spill with 4 warps; 32 rows, 8 warps and a mask spill too
+        has_kpm = kwargs.get("HAS_KPM", False)
+        lean = [c for c in kept if not (c.kwargs["BLOCK_M"] >= 64 and D > 64 and c.num_warps < 8)
+                and not (has_kpm and c.kwargs["BLOCK_M"] == 32 and c.num_warps == 8)]
     return lean or kept or [max(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
