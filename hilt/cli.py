@@ -81,7 +81,10 @@ def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParse
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all usable cores)")
     p.add_argument("--no-kv-cache", action="store_true",
-                   help="recompute the whole context every step instead of using the KV cache (GPT, HILT)")
+                   help="recompute the whole context every step instead of using the model's cache (every LM "
+                        "model has one: GPT, HILT, LFormer, Llama/NPT, BlockHierarchicalLM's block-wise cache)")
+    p.add_argument("--eos-id", type=int, default=None, metavar="BYTE",
+                   help="stop once this byte value is generated (kept in the output; default: off)")
     return p
 
 
@@ -97,7 +100,8 @@ def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate")
         if not prompt:
             raise ValueError("--prompt must not be empty")
         ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, use_cache=False if args.no_kv_cache else None)
+                       top_p=args.top_p, seed=args.seed, use_cache=False if args.no_kv_cache else None,
+                       eos_id=args.eos_id)
     except (CheckpointError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

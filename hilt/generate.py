@@ -1,22 +1,28 @@
-"""Autoregressive generation, with a KV cache for the models that have one (GPT, HILT).
+"""Autoregressive generation, with a KV cache for every model that has one.
 
 ``generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-use_cache=None)``: ``temperature=0`` is greedy; otherwise sampling from the softmax of
-``logits / temperature``, restricted to the ``top_k`` most likely tokens and/or the smallest set whose
-probability reaches ``top_p`` (nucleus), with a ``torch.Generator`` seeded by ``seed`` (same seed, same
-output).
+use_cache=None, cache_rebuild_keep=None, eos_id=None, padding_mask=None)``: ``temperature=0`` is greedy;
+otherwise sampling from the softmax of ``logits / temperature``, restricted to the ``top_k`` most likely
+tokens and/or the smallest set whose probability reaches ``top_p`` (nucleus), with a ``torch.Generator``
+seeded by ``seed`` (same seed, same output).
 
-Every step conditions on the last ``config.max_seq_len`` tokens (a sliding window), with or without
-the cache:
+Cached models: GPT, HILT, LFormer (both tap modes), Llama (NP layers included), BlockHierarchicalLM
+(decoder mode, a block-wise cache). ``use_cache=False`` recomputes the whole window every step.
 
-* ``use_cache=False`` (and models without ``supports_kv_cache``, e.g. BlockHierarchicalLM, LFormer):
-  each step recomputes the whole window with ``model(window)``.
-* ``use_cache=True`` (the default where supported): the prompt's window is fed once
-  (``model.forward_step(window, cache)``), then one token per step. When the context is full and
-  the window must slide, positions shift and every cached key/value is stale, so the cache is
-  **rebuilt** from the new window (``cache_rebuild_keep=None``: from the last ``max_seq_len``
-  tokens at every step, identical to the recompute path; an int k: from the last k tokens, then
-  incremental again until the context is full, cheaper but conditioning on fewer tokens).
+Every step conditions on a window of at most ``config.max_seq_len`` tokens. Past the context the window
+slides by the model's ``window_stride`` (1 token; a whole block for BlockHierarchicalLM, so block
+boundaries stay aligned with the tokens), identically with and without the cache:
+
+* token-wise sliding (GPT-like models): positions shift and every cached key/value is stale, so the cache
+  is **rebuilt** from the new window (``cache_rebuild_keep=None``: from the last ``max_seq_len`` tokens
+  at every step, identical to the recompute path; an int k: from the last k tokens, then incremental again
+  until the context is full, cheaper but conditioning on fewer tokens);
+* models with ``slide_cache`` (BlockHierarchicalLM): the oldest block leaves the cache once per block.
+
+**Batched prompts of different lengths**: a list of lists of ints, or ``(B, T)`` ids with a
+``padding_mask`` (True = padding, anywhere in the row). Each row keeps its own unpadded positions (and
+block phase): rows are decoded in batches of equal prompt length, so a row's tokens are those it gets
+generated alone. ``eos_id`` stops each row by itself once it emits that token.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 
 from hilt.nn.attention import KVCache
 
-__all__ = ["generate", "filter_logits", "supports_cache", "KVCache"]
+__all__ = ["generate", "filter_logits", "supports_cache", "window_start", "KVCache"]
 
 
 def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -50,17 +56,54 @@ def supports_cache(model: nn.Module) -> bool:
     return bool(getattr(model, "supports_kv_cache", False)) and hasattr(model, "forward_step")
 
 
-@torch.no_grad()
-def generate(model: nn.Module, prompt_ids: Union[Tensor, Sequence[int]], max_new_tokens: int,
-             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             seed: Optional[int] = None, use_cache: Optional[bool] = None,
-             cache_rebuild_keep: Optional[int] = None) -> Tensor:
-    """Continue ``prompt_ids`` (``(T,)`` or ``(B, T)``, or a list of ints) by ``max_new_tokens`` tokens.
+def window_start(n: int, max_len: int, stride: int = 1) -> int:
+    """Index of the first token of the generation window over ``n`` tokens: the smallest multiple of
+    ``stride`` that leaves at most ``max_len`` tokens (0 while ``n <= max_len``)."""
+    if n <= max_len:
+        return 0
+    return -(-(n - max_len) // stride) * stride
 
-    Returns the prompt followed by the new tokens, with the prompt's shape convention (1-D in, 1-D out).
-    The model runs in eval mode (restored afterwards) on the last ``config.max_seq_len`` tokens each step.
-    ``use_cache``: None = the KV cache when the model supports one; True demands it (ValueError
-    otherwise); False recomputes every step. ``cache_rebuild_keep``: see the module docstring.
+
+def _as_rows(prompt_ids, padding_mask: Optional[Tensor]) -> tuple[list[Tensor], str]:
+    """The prompts as a list of 1-D LongTensors, and the input form: 'flat' (T,), 'batch' (B, T),
+    'ragged' (list of lists / ids + padding mask)."""
+    if padding_mask is not None:
+        if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
+            raise ValueError("padding_mask needs prompt_ids as a (B, T) tensor")
+        if padding_mask.shape != prompt_ids.shape or padding_mask.dtype != torch.bool:
+            raise ValueError(f"padding_mask must be a bool tensor of prompt_ids' shape {tuple(prompt_ids.shape)} "
+                             f"(True = padding), got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+        rows = [row[~m] for row, m in zip(prompt_ids, padding_mask.to(prompt_ids.device))]
+        return [r.long() for r in rows], "ragged"
+    if isinstance(prompt_ids, Tensor):
+        if prompt_ids.dim() == 1:
+            return [prompt_ids.long()], "flat"
+        if prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids must be (T,) or (B, T), got shape {tuple(prompt_ids.shape)}")
+        return [r.long() for r in prompt_ids], "batch"
+    items = list(prompt_ids)
+    if items and all(isinstance(x, (list, tuple, Tensor)) for x in items):
+        return [torch.as_tensor(list(x) if not isinstance(x, Tensor) else x, dtype=torch.long).reshape(-1)
+                for x in items], "ragged"
+    return [torch.tensor(items, dtype=torch.long)], "flat"
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt_ids: Union[Tensor, Sequence[int], Sequence[Sequence[int]]],
+             max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: Optional[int] = None, use_cache: Optional[bool] = None,
+             cache_rebuild_keep: Optional[int] = None, eos_id: Optional[int] = None,
+             padding_mask: Optional[Tensor] = None) -> Union[Tensor, list[Tensor]]:
+    """Continue the prompt(s) by up to ``max_new_tokens`` tokens each.
+
+    ``prompt_ids``: ``(T,)`` or a list of ints -> a 1-D tensor; ``(B, T)`` -> ``(B, T + n)``; a list of
+    lists of ints, or ``(B, T)`` with ``padding_mask`` (B, T) bool (True = padding) -> a list of 1-D
+    tensors (each prompt's unpadded tokens followed by its new tokens). With ``eos_id`` a row stops
+    after emitting it (the eos is kept): 1-D and ragged outputs end there; in a ``(B, T + n)`` output,
+    ``n`` is the longest row's count and the finished rows are filled with ``eos_id``.
+    The model runs in eval mode (restored afterwards). ``use_cache``: None = the cache when the model
+    has one; True demands it (ValueError otherwise); False recomputes every step.
+    ``cache_rebuild_keep``: see the module docstring (token-wise sliding models only).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -69,20 +112,21 @@ def generate(model: nn.Module, prompt_ids: Union[Tensor, Sequence[int]], max_new
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
-    ids = prompt_ids if isinstance(prompt_ids, Tensor) else torch.tensor(list(prompt_ids), dtype=torch.long)
-    squeeze = ids.dim() == 1
-    if squeeze:
-        ids = ids.unsqueeze(0)
-    if ids.dim() != 2:
-        raise ValueError(f"prompt_ids must be (T,) or (B, T), got shape {tuple(ids.shape)}")
-    if ids.shape[1] == 0:
-        raise ValueError("prompt_ids must hold at least one token")
-    ids = ids.to(device=device, dtype=torch.long)
+    rows, form = _as_rows(prompt_ids, padding_mask)
+    if not rows:
+        raise ValueError("prompt_ids holds no prompt")
+    for r in rows:
+        if r.numel() == 0:
+            raise ValueError("every prompt must hold at least one token")
     max_len = model.config.max_seq_len
     if use_cache is None:
         use_cache = supports_cache(model)
     elif use_cache and not supports_cache(model):
         raise ValueError(f"use_cache=True: {type(model).__name__} has no KV-cache decoding path")
+    slides = hasattr(model, "slide_cache")
+    if cache_rebuild_keep is not None and slides:
+        raise ValueError(f"cache_rebuild_keep: {type(model).__name__} slides its cache by whole blocks, "
+                         "leave cache_rebuild_keep=None")
     keep = max_len if cache_rebuild_keep is None else int(cache_rebuild_keep)
     if not 1 <= keep <= max_len:
         raise ValueError(f"cache_rebuild_keep must be in [1, max_seq_len={max_len}], got {cache_rebuild_keep}")
@@ -90,24 +134,70 @@ def generate(model: nn.Module, prompt_ids: Union[Tensor, Sequence[int]], max_new
     if temperature > 0:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, gen=gen, use_cache=use_cache, keep=keep,
+                eos_id=eos_id, stride=int(getattr(model, "window_stride", 1)), slides=slides)
     was_training = model.training
     model.eval()
     try:
-        cache = model.init_cache(ids.shape[0]) if use_cache and max_new_tokens > 0 else None
-        for step in range(max_new_tokens):
-            if cache is None:
-                logits = model(ids[:, -max_len:]).logits[:, -1, :].float()
-            elif step == 0 or cache.length >= max_len:  # (re)build: feed the window from position 0
-                window = ids[:, -(max_len if step == 0 else keep):]
-                logits = model.forward_step(window, cache.reset()).logits[:, -1, :].float()
-            else:
-                logits = model.forward_step(ids[:, -1:], cache).logits[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)
-            ids = torch.cat([ids, nxt], dim=1)
+        if form == "batch":
+            out = _decode(model, torch.stack(rows).to(device), max_new_tokens, **opts)
+            return out
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.numel(), []).append(i)
+        outs: list[Optional[Tensor]] = [None] * len(rows)
+        for n, idx in groups.items():
+            res = _decode(model, torch.stack([rows[i] for i in idx]).to(device), max_new_tokens, **opts)
+            for j, i in enumerate(idx):
+                outs[i] = _trim_eos(res[j], n, eos_id)
     finally:
         model.train(was_training)
-    return ids[0] if squeeze else ids
+    return outs[0] if form == "flat" else outs
+
+
+def _trim_eos(row: Tensor, prompt_len: int, eos_id: Optional[int]) -> Tensor:
+    if eos_id is None:
+        return row
+    hit = (row[prompt_len:] == eos_id).nonzero()
+    return row if hit.numel() == 0 else row[:prompt_len + int(hit[0, 0]) + 1]
+
+
+def _decode(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature, top_k, top_p, gen, use_cache,
+            keep, eos_id, stride, slides) -> Tensor:
+    """Decode a batch of prompts of one length: ids (B, T) -> (B, T + n), n <= max_new_tokens."""
+    max_len = model.config.max_seq_len
+    B = ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    cache = model.init_cache(B) if use_cache and max_new_tokens > 0 else None
+    for step in range(max_new_tokens):
+        if cache is None:
+            window = ids[:, window_start(ids.shape[1], max_len, stride):]
+            logits = model(window).logits[:, -1, :].float()
+        elif step == 0:
+            window = ids[:, window_start(ids.shape[1], max_len, stride):]
+            logits = model.forward_step(window, _reset(model, cache)).logits[:, -1, :].float()
+        elif slides:
+            if cache.length >= max_len:
+                model.slide_cache(cache)
+            logits = model.forward_step(ids[:, -1:], cache).logits[:, -1, :].float()
+        elif cache.length >= max_len:  # token-wise slide: rebuild from the last `keep` tokens
+            logits = model.forward_step(ids[:, -keep:], cache.reset()).logits[:, -1, :].float()
+        else:
+            logits = model.forward_step(ids[:, -1:], cache).logits[:, -1, :].float()
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen)
+        if eos_id is not None:
+            nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
+            done = done | (nxt[:, 0] == eos_id)
+        ids = torch.cat([ids, nxt], dim=1)
+        if eos_id is not None and bool(done.all()):
+            break
+    return ids
+
+
+def _reset(model: nn.Module, cache):
+    reset = getattr(model, "_reset_cache", None)
+    return reset(cache) if reset is not None else cache.reset()

@@ -3,6 +3,7 @@
 Every model: ``Model(config)`` / ``Model.from_config(config)``, ``num_parameters()``,
 ``forward(ids, targets=None, key_padding_mask=None) -> ModelOutput``.
 """
+from .block_cache import BlockKVCache
 from .block_hierarchical import BlockHierarchicalLM
 from .config import POS_ENCODINGS, BlockHierarchicalLMConfig, GPTConfig, HILTConfig, ModelConfig
 from .gpt import GPT
@@ -15,7 +16,7 @@ from .output import ModelOutput, classification_loss, lm_loss
 
 __all__ = [
     "ModelOutput", "lm_loss", "classification_loss", "ModelConfig", "GPTConfig", "HILTConfig",
-    "BlockHierarchicalLMConfig", "POS_ENCODINGS", "GPT", "HILT", "BlockHierarchicalLM",
+    "BlockHierarchicalLMConfig", "POS_ENCODINGS", "GPT", "HILT", "BlockHierarchicalLM", "BlockKVCache",
     "LFormer", "LFormerConfig", "LFormerOutput",
     "Llama", "LlamaConfig", "npt", "NPTLayer", "convert_to_npt", "freeze_base", "save_np_weights",
     "load_np_weights",

@@ -73,13 +73,18 @@ class HILT(GPT):
         return states if collect else [h]
 
     def _step_layers(self, h: Tensor, cache, pos: int) -> Tensor:
-        """KV-cached layers. ILTs mix (prev, cur) states of the same token, so they cache nothing:
-        they run on the new tokens exactly as in the full forward, with the current ``ilt_scale``."""
+        """KV-cached layers. ILTs mix (prev, cur) states of the same token, so they cache nothing: they run
+        on the new tokens with the current ``ilt_scale``, through :meth:`InterLayerTransformer.step` (the
+        forward's math in a few functional ops; the full module forward when an ILT is in training mode)."""
         if self.ilts is None:
             return super()._step_layers(h, cache, pos)
         for i, layer in enumerate(self.layers):
             new = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
             if i >= 1:
-                new = new + self.ilt_scale.to(new.dtype) * self.ilts[i - 1](h, new)
+                ilt = self.ilts[i - 1]
+                if ilt.training and ilt.dropout_p > 0:
+                    new = new + self.ilt_scale.to(new.dtype) * ilt(h, new)
+                else:
+                    new = ilt.step(h, new, out=new, scale=self.ilt_scale)
             h = new
         return h

@@ -22,7 +22,7 @@ from hilt.nn.attention import _check_heads
 
 from .config import GPTConfig, _bool, _float, _int, _prob
 from .gpt import GPT
-from .output import IGNORE_INDEX, ModelOutput, classification_loss, init_weights, lm_loss
+from .output import IGNORE_INDEX, ModelOutput, check_ids, classification_loss, init_weights, lm_loss
 
 __all__ = ["LFormerConfig", "LFormer", "LFormerOutput", "TapProjector", "PlanDecoder",
            "TAP_MODES", "POOLINGS", "AGGREGATORS"]
@@ -551,6 +551,42 @@ class LFormer(GPT):
             loss = sum(weights[name] * part for name, part in parts.items())
         return LFormerOutput(logits=logits, loss=loss, aux_losses=parts, tool_logits=tool_logits, values=values,
                              plan_logits=plan_logits, side_states=states)
+
+    # --------------------------------------------------------------- KV cache
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Always: the LM logits are the base decoder's (sequence-wise taps, or no blend), or the base's
+        blended per token with the token-wise side path, which mixes no positions."""
+        return True
+
+    def forward_step(self, ids: Tensor, cache, start_pos: Optional[int] = None) -> ModelOutput:
+        """Cached logits (B, T, vocab) of ``ids`` (B, T) at positions ``start_pos ..`` (default
+        ``cache.length``), equal to :meth:`forward`'s. Without ``blend_into_lm`` (always the case with
+        sequence-wise taps) this is the base decoder's KV-cached step and the side path is skipped; with it,
+        each new token's taps, φ, the depth aggregator and the blend gate run on that token only."""
+        if self.blend_gate is None:
+            return super().forward_step(ids, cache, start_pos)
+        pos = cache.length if start_pos is None else int(start_pos)
+        check_ids(ids, self.config.max_seq_len)
+        B, T = ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"ids has batch {B}, the cache was built for {cache.batch_size}")
+        if not 0 <= pos <= cache.length:
+            raise ValueError(f"start_pos must be in [0, cache.length={cache.length}], got {pos}")
+        if pos + T > cache.max_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache length {cache.max_len} "
+                             f"(max_seq_len={self.config.max_seq_len}): rebuild the cache from a shorter window")
+        h = self.tok_emb(ids)
+        if self.pos_enc is not None:
+            h = self.pos_enc(h, offset=pos)
+        hidden = [self.drop(h)]
+        for i, layer in enumerate(self.layers):
+            hidden.append(layer.forward_cached(hidden[-1], cache.k[i], cache.v[i], pos))
+        cache.length = pos + T
+        final = self.side_states(hidden)[-1]  # token-wise: (B, T, d_side), per token
+        x = self.norm_f(hidden[-1])
+        x = x + self.blend_gate.to(x.dtype) * self.blend_proj(final).to(x.dtype)
+        return ModelOutput(logits=self.lm_head(x))
 
     def extra_repr(self) -> str:
         c = self.config

@@ -124,6 +124,29 @@ class LlamaAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """Incremental causal attention for tokens at positions ``pos .. pos+T-1``: their (RoPE'd) keys and
+        values go into ``k_cache``/``v_cache`` (B, n_kv_heads, max_len, D) at ``[pos, pos+T)``; each query
+        attends to the cached positions ``<=`` its own. No padding, no dropout (decoding)."""
+        B, T, C = x.shape
+        end = pos + T
+        if end > k_cache.shape[2]:
+            raise ValueError(f"KV cache overflow: positions up to {end} > cache length {k_cache.shape[2]}")
+        q = self.rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), pos).transpose(1, 2)
+        k_cache[:, :, pos:end] = self.rotary(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim),
+                                             pos).transpose(1, 2)
+        v_cache[:, :, pos:end] = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = torch.arange(end, device=x.device) <= torch.arange(pos, end, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
 
@@ -163,6 +186,11 @@ class LlamaLayer(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         h = x + self.attn(self.input_norm(x), key_padding_mask)
+        return h + self.mlp(self.post_attn_norm(h))
+
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """:meth:`forward` for new tokens at positions ``pos ..`` with a KV cache."""
+        h = x + self.attn.forward_cached(self.input_norm(x), k_cache, v_cache, pos)
         return h + self.mlp(self.post_attn_norm(h))
 
 
@@ -254,6 +282,49 @@ class Llama(nn.Module):
         logits = self.head(h)
         loss = lm_loss(logits, targets, key_padding_mask) if targets is not None else None
         return ModelOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------ KV cache
+    @property
+    def supports_kv_cache(self) -> bool:
+        """True when every layer has a cached path (LlamaLayer, and NPTLayer in either mode)."""
+        return all(hasattr(layer, "forward_cached") for layer in self.layers)
+
+    def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None):
+        """An empty :class:`~hilt.nn.attention.KVCache` with ``n_kv_heads`` heads per layer for ``batch_size``
+        sequences of at most ``max_len`` (default and maximum: ``config.max_seq_len``) tokens."""
+        from hilt.nn.attention import KVCache
+
+        if not self.supports_kv_cache:
+            raise NotImplementedError("a layer of this Llama has no cached path (forward_cached)")
+        max_len = self.config.max_seq_len if max_len is None else int(max_len)
+        if not 1 <= max_len <= self.config.max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={self.config.max_seq_len}], got {max_len}")
+        ref = self.tok_emb.weight
+        attn = self.layers[0].attn
+        return KVCache(len(self.layers), batch_size, attn.n_kv_heads, attn.head_dim, max_len,
+                       device=device or ref.device, dtype=dtype or ref.dtype)
+
+    def forward_step(self, ids: Tensor, cache, start_pos: Optional[int] = None) -> ModelOutput:
+        """Logits (B, T, vocab) of ``ids`` (B, T) at positions ``start_pos ..`` (default ``cache.length``),
+        attending to the cached tokens before them; equal to :meth:`forward` on the whole prefix (NP layers
+        included, in their current mode). Eval mode, no padding."""
+        if not self.supports_kv_cache:
+            raise NotImplementedError("a layer of this Llama has no cached path (forward_cached)")
+        pos = cache.length if start_pos is None else int(start_pos)
+        check_ids(ids, self.config.max_seq_len)
+        B, T = ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"ids has batch {B}, the cache was built for {cache.batch_size}")
+        if not 0 <= pos <= cache.length:
+            raise ValueError(f"start_pos must be in [0, cache.length={cache.length}], got {pos}")
+        if pos + T > cache.max_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache length {cache.max_len} "
+                             f"(max_seq_len={self.config.max_seq_len}): rebuild the cache from a shorter window")
+        h = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+        cache.length = pos + T
+        return ModelOutput(logits=self.head(h))
 
     def extra_repr(self) -> str:
         return f"num_parameters={self.num_parameters()}"

@@ -188,6 +188,36 @@ class BlockLocalAttention(_QKVAttention):
                                   key_padding_mask=kpm, backend=self.backend)
         return self.resid_dropout(self.out_proj(y.reshape(B, T, C)))
 
+    def forward_offset(self, x: Tensor, offset: int = 0) -> Tensor:
+        """:meth:`forward` (no padding) for tokens whose first one sits at absolute position ``offset``
+        (RoPE angles), ``x`` (B, T, C) starting on a block boundary."""
+        B, T, C = x.shape
+        q, k, v = self._qkv(x, offset=offset)
+        y = block_local_attention(q, k, v, self.block_size, causal=self.causal, backend=self.backend)
+        return self.out_proj(y.reshape(B, T, C))
+
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, offset: int) -> Tensor:
+        """Incremental causal attention inside the current block: ``x`` (B, T, C) are the tokens at
+        slots ``slot .. slot+T-1`` of the block (``slot + T <= block_size``) and absolute positions
+        ``offset ..`` (RoPE). Their keys/values go into ``k_cache``/``v_cache`` (B, H, block_size, D)
+        at those slots; each query attends to the block's slots ``<=`` its own. No padding, no dropout."""
+        if not self.causal:
+            raise RuntimeError("forward_cached needs causal attention")
+        B, T, C = x.shape
+        end = slot + T
+        if end > self.block_size or k_cache.shape[2] < end:
+            raise ValueError(f"block cache overflow: slots up to {end} > block_size {self.block_size}")
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x, offset=offset))  # (B, H, T, D)
+        k_cache[:, :, slot:end] = k
+        v_cache[:, :, slot:end] = v
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, keys, values)
+        else:
+            mask = torch.arange(end, device=x.device) <= torch.arange(slot, end, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, block_size={self.block_size}, "
                 f"causal={self.causal}, dropout={self.dropout}, bias={self.bias}, "

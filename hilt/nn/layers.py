@@ -111,5 +111,21 @@ class TransformerLayer(nn.Module):
         x = x + self.attn.forward_cached(self.norm1(x), k_cache, v_cache, pos)
         return x + self.mlp(self.norm2(x))
 
+    def forward_offset(self, x: Tensor, offset: int = 0) -> Tensor:
+        """:meth:`forward` without padding or dropout for block-local attention whose first token is at
+        absolute position ``offset`` (RoPE); any other attention ignores ``offset``."""
+        h = self.norm1(x)
+        a = self.attn.forward_offset(h, offset) if isinstance(self.attn, BlockLocalAttention) else self.attn(h)
+        x = x + a
+        return x + self.mlp(self.norm2(x))
+
+    def forward_block_cached(self, x: Tensor, k_cache, v_cache, slot: int, offset: int) -> Tensor:
+        """:meth:`forward` for new tokens of the current block with a block KV cache (block-local causal
+        attention only; see :meth:`BlockLocalAttention.forward_cached`)."""
+        if not isinstance(self.attn, BlockLocalAttention):
+            raise RuntimeError(f"a block cache needs block-local attention, this layer has {self.attention_kind!r}")
+        x = x + self.attn.forward_cached(self.norm1(x), k_cache, v_cache, slot, offset)
+        return x + self.mlp(self.norm2(x))
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, attention={self.attention_kind!r}"

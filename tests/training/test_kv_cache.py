@@ -1,14 +1,13 @@
 """KV cache: cached logits equal full-forward logits at every step (GPT and HILT, learned / sinusoidal /
 RoPE positions), greedy generation gives the same tokens with and without the cache, the sliding-window
-rebuild when prompt + generation exceeds max_seq_len, and models without a cache fall back to recompute."""
+rebuild when prompt + generation exceeds max_seq_len. (The other models: tests/generation/.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hilt.generate import generate, supports_cache
-from hilt.models import (GPT, HILT, BlockHierarchicalLM, BlockHierarchicalLMConfig, GPTConfig, HILTConfig,
-                         LFormer, LFormerConfig)
+from hilt.generate import generate
+from hilt.models import GPT, HILT, GPTConfig, HILTConfig
 
 SMALL = dict(d_model=32, n_layers=3, n_heads=2, max_seq_len=24, dropout=0.0)
 
@@ -105,24 +104,6 @@ def test_sliding_window_rebuild_matches_a_hand_written_window():
     assert torch.equal(out_k, ids)
     with pytest.raises(ValueError, match="cache_rebuild_keep"):
         generate(m, prompt, 2, cache_rebuild_keep=L + 1)
-
-
-def test_models_without_a_cache_fall_back_to_recompute():
-    torch.manual_seed(0)
-    block = BlockHierarchicalLM(BlockHierarchicalLMConfig(d_model=32, n_heads=2, max_seq_len=16, block_size=4,
-                                                          dropout=0.0, n_local_layers=1, n_global_layers=1,
-                                                          n_decoder_layers=1))
-    lformer = LFormer(LFormerConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=16, dropout=0.0, d_side=16,
-                                    side_heads=2, side_dropout=0.0, tap_mode="token", blend_into_lm=True))
-    assert supports_cache(_build("gpt", "learned")) and supports_cache(_build("hilt", "rope"))
-    for m in (block, lformer):
-        assert not supports_cache(m)
-        out = generate(m, [1, 2, 3], 20, temperature=0)  # default: recompute
-        assert out.shape == (23,)
-        with pytest.raises(ValueError, match="no KV-cache"):
-            generate(m, [1, 2, 3], 2, use_cache=True)
-    with pytest.raises(NotImplementedError):
-        lformer.init_cache(1)
 
 
 def test_cache_errors_are_clear():
