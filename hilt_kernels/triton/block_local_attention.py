@@ -581,9 +581,11 @@ def _make_prune_large(name, tiles_16):
             kept = [c for c in configs if c.num_stages == 2
                     and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in ok]
         else:
-            # With a 128-wide head dim, tiles of >= 4096 score entries spill with 4 warps.
+            # With a 128-wide head dim, tiles of >= 4096 score entries spill with 4 warps; so do the
+            # dk/dv kernel's with a padding mask.
+            wide = D > 64 or (name == "_bla_bwd_dkdv_large" and kwargs.get("HAS_KPM", False))
             kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in tiles_16
-                    and not (D > 64 and c.num_warps < 8 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 4096)]
+                    and not (wide and c.num_warps < 8 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 4096)]
         return kept or configs[:1]
 
     return prune
