@@ -8,6 +8,10 @@
 #   1. pip install --no-build-isolation --no-deps -e .   (also builds the CUDA library when csrc/ has kernels)
 #   2. python -m hilt.info
 #   3. python -m pytest -q tests/ops/test_triton_gpu.py tests/cuda/test_cuda_ops.py tests/ops (log in tests.log)
+#      with HILT_TRITON_FIXED_CONFIG=1: each autotuned kernel runs the first config its pruner keeps, so the
+#      run compiles one config per kernel variant instead of all of them; test_every_kept_config_on_gpu (first)
+#      (in test_triton_gpu.py, run first) runs every kept config at representative shapes. The interpreter-only config sweep and the sm_90
+#      compile check (CPU work, run in CI) are left out.
 #   4. benchmarks/bench_attention.py at DESIGN.md's target (B·T = 64k tokens, H 16, D 64, bf16) — FIRST
 #   5. benchmarks/bench_small_ops.py, benchmarks/bench_models.py
 #   6. if time is left: a bench_attention sweep over head dims 32/128 and fp16 (fwd+bwd, no FlexAttention)
@@ -122,8 +126,11 @@ else
     # The GPU-relevant tests, GPU-only ones first (the whole suite does not fit the budget; the CPU-only
     # tests run in CI). SUITE_TEST_ARGS overrides the selection.
     # shellcheck disable=SC2086
-    run tests 110 tests.log $PY -m pytest ${SUITE_TEST_ARGS:--q tests/ops/test_triton_gpu.py tests/cuda/test_cuda_ops.py tests/ops} \
-        -p no:cacheprovider -o timeout=60 --durations=10
+    export HILT_TRITON_FIXED_CONFIG=1
+    run tests 140 tests.log $PY -m pytest ${SUITE_TEST_ARGS:--q tests/ops/test_triton_gpu.py \
+        tests/cuda/test_cuda_ops.py tests/ops --ignore=tests/ops/test_triton_configs.py \
+        --ignore=tests/ops/test_triton_compile.py} -p no:cacheprovider -o timeout=90 --durations=10
+    unset HILT_TRITON_FIXED_CONFIG
 fi
 
 # 4. block_local_attention at the target sizes, FIRST of the benchmarks (defaults on a GPU: B16 T4096 H16)

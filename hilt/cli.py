@@ -22,7 +22,7 @@ def _device(arg: Optional[str], threads: Optional[int] = None) -> str:
 
 def build_eval_parser(prog: str = "hilt eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Validation loss and bits per byte of a checkpoint.")
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint folder (e.g. runs/<run>/checkpoint)")
+    _base_args(p)
     p.add_argument("--data", metavar="FILE|DIR",
                    help="text to evaluate on: its val split (default: the data the checkpoint was trained on, "
                         "or the standard library corpus)")
@@ -33,15 +33,43 @@ def build_eval_parser(prog: str = "hilt eval") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default: 16)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="autocast dtype (default: float32)")
+                   help="autocast dtype; with --hf the base model's dtype (default: float32)")
+    p.add_argument("--seq-len", type=int, metavar="N", help="with --hf: window length in tokens (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random windows with --eval-iters (default: 0)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all usable cores)")
     p.add_argument("--no-cache", action="store_true", help="do not use the token cache")
     return p
 
 
+def _base_args(p: argparse.ArgumentParser) -> None:
+    """--ckpt (a hilt checkpoint) or --hf (a Hugging Face model folder / .gguf), exactly one; --np-weights."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ckpt", metavar="PATH", help="checkpoint folder (e.g. runs/<run>/checkpoint)")
+    g.add_argument("--hf", metavar="PATH", help="a Hugging Face model folder or .gguf file (pip install 'hilt[hf]')")
+    p.add_argument("--np-weights", metavar="FILE", help="with --hf: NP weights (hilt npt-train --hf); the model "
+                                                       "then runs in NPT mode (default: the base, standard mode)")
+
+
+def _run_hf(args, run, prog: str) -> int:
+    from .models.npt import NPTError
+
+    try:
+        return run(args, _device(args.device, args.threads), prog)
+    except (NPTError, ValueError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+
+
 def eval_main(argv: Optional[list[str]] = None, prog: str = "hilt eval") -> int:
-    args = build_eval_parser(prog).parse_args(argv)
+    parser = build_eval_parser(prog)
+    args = parser.parse_args(argv)
+    if args.hf is not None:
+        from .hf_cli import hf_eval
+
+        return _run_hf(args, hf_eval, prog)
+    for flag in ("np_weights", "seq_len"):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag.replace('_', '-')} needs --hf")
     from .training.checkpoint import CheckpointError, load, read_state
     from .training.data import CorpusError, load_corpus
     from .training.config import DTYPES
@@ -70,8 +98,9 @@ def eval_main(argv: Optional[list[str]] = None, prog: str = "hilt eval") -> int:
 
 
 def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Continue a prompt with a trained checkpoint (byte-level).")
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint folder (e.g. runs/<run>/checkpoint)")
+    p = argparse.ArgumentParser(prog=prog, description="Continue a prompt with a trained checkpoint (byte-level) "
+                                                       "or a Hugging Face model (--hf, its tokenizer).")
+    _base_args(p)
     p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
@@ -82,14 +111,24 @@ def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all usable cores)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole context every step instead of using the model's cache (every LM "
-                        "model has one: GPT, HILT, LFormer, Llama/NPT, BlockHierarchicalLM's block-wise cache)")
+                        "model has one: GPT, HILT, LFormer, Llama/NPT, BlockHierarchicalLM's block-wise cache; "
+                        "with --hf the Hugging Face KV cache)")
     p.add_argument("--eos-id", type=int, default=None, metavar="BYTE",
                    help="stop once this byte value is generated (kept in the output; default: off)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="with --hf: the model's dtype (default: float32)")
     return p
 
 
 def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate") -> int:
-    args = build_generate_parser(prog).parse_args(argv)
+    parser = build_generate_parser(prog)
+    args = parser.parse_args(argv)
+    if args.hf is not None:
+        from .hf_cli import hf_generate
+
+        return _run_hf(args, hf_generate, prog)
+    if args.np_weights is not None:
+        parser.error("--np-weights needs --hf")
     from .training.checkpoint import CheckpointError, load
     from .training.data import decode, encode
     from .generate import generate
@@ -115,7 +154,8 @@ COMMANDS = {
     "generate": "continue a prompt with a checkpoint",
     "info": "versions, devices and kernel backends available here",
 }
-COMMANDS["npt-train"] = "train neuro-plastic (NP) layers of a Llama checkpoint with teacher scaffolding"
+COMMANDS["npt-train"] = ("train neuro-plastic (NP) layers of a Llama checkpoint or Hugging Face Llama model with "
+                         "teacher scaffolding")
 COMMANDS["ablate"] = "GPT vs HILT vs block vs L-Former and variants at matched parameters or FLOPs: table + val-curve plot"
 
 

@@ -52,13 +52,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_status() -> str | None:
-    """None when triton imports, else why not."""
+    """None when triton can run the kernels, else why not: triton does not import, or (under
+    ``TRITON_INTERPRET=1``) its interpreter cannot run loops with runtime bounds, which is the case
+    for triton < 3.8 with numpy >= 2.4 (triton-lang/triton#9171, fixed in triton 3.8)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as e:  # ImportError, or a broken install raising something else
         return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    if interpreting():
+        import numpy
+
+        if _version(triton.__version__) < (3, 8) and _version(numpy.__version__) >= (2, 4):
+            from hilt_kernels.triton._probe import runtime_loop_works
+
+            if not runtime_loop_works():  # unless something (a test shim) fixed the interpreter
+                return (
+                    f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run loops with "
+                    f"runtime bounds under numpy {numpy.__version__} (triton-lang/triton#9171, fixed in "
+                    "triton 3.8): install triton>=3.8 or numpy<2.4 to run the triton kernels on the CPU"
+                )
     return None
 
 

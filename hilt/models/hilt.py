@@ -72,12 +72,22 @@ class HILT(GPT):
                 states.append(h)
         return states if collect else [h]
 
+    def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None):
+        """GPT's :class:`~hilt.nn.attention.KVCache`, plus each ILT's packed step weights
+        (``cache.ilt_weights``, :meth:`InterLayerTransformer.step_weights`): a cache belongs to the
+        parameters it was made with (its keys and values do too); make a new one after changing them."""
+        cache = super().init_cache(batch_size, max_len, device=device, dtype=dtype)
+        cache.ilt_weights = None if self.ilts is None else [ilt.step_weights() for ilt in self.ilts]
+        return cache
+
     def _step_layers(self, h: Tensor, cache, pos: int) -> Tensor:
         """KV-cached layers. ILTs mix (prev, cur) states of the same token, so they cache nothing: they run
         on the new tokens with the current ``ilt_scale``, through :meth:`InterLayerTransformer.step` (the
-        forward's math in a few functional ops; the full module forward when an ILT is in training mode)."""
+        forward's math in a few ops on the weights packed by :meth:`init_cache`; the full module forward
+        when an ILT is in training mode)."""
         if self.ilts is None:
             return super()._step_layers(h, cache, pos)
+        packed = getattr(cache, "ilt_weights", None)
         for i, layer in enumerate(self.layers):
             new = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
             if i >= 1:
@@ -85,6 +95,7 @@ class HILT(GPT):
                 if ilt.training and ilt.dropout_p > 0:
                     new = new + self.ilt_scale.to(new.dtype) * ilt(h, new)
                 else:
-                    new = ilt.step(h, new, out=new, scale=self.ilt_scale)
+                    new = ilt.step(h, new, out=new, scale=self.ilt_scale,
+                                   weights=None if packed is None else packed[i - 1])
             h = new
         return h

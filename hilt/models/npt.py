@@ -26,6 +26,7 @@ scaffolding used by ``hilt npt-train``), :func:`parse_layers`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -44,12 +45,14 @@ __all__ = [
     "MODULATE", "NPTConfig", "NPTError", "NPComponent", "NPTLayer", "parse_layers", "convert_to_npt",
     "npt_layers", "freeze_base", "np_parameters", "np_state_dict", "set_npt_mode", "standard_mode",
     "revert_layers", "save_np_weights", "load_np_weights", "load_npt", "scaffolded_forward", "ScaffoldOutput",
-    "LayerStats", "lerp_states", "NP_FORMAT_VERSION", "read_np_metadata", "register_converter",
+    "LayerStats", "lerp_states", "NP_FORMAT_VERSION", "read_np_metadata", "register_converter", "base_identity",
+    "layer_stats", "BASE_IDENTITY_ATTR",
 ]
 
 MODULATE = {"single": ("gate",), "dual": ("gate", "up"), "triple": ("gate", "up", "down")}
 PROJ_ATTR = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 NP_FORMAT_VERSION = 1
+BASE_IDENTITY_ATTR = "hilt_base_identity"  # a model may carry its identity, computed before any cast
 
 
 class NPTError(ValueError):
@@ -378,6 +381,40 @@ def freeze_base(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------- save / load
 
+def base_identity(model: nn.Module, *, recorded: bool = True) -> dict:
+    """The identity of the base model NP weights belong to: ``{"model_type", "num_layers", "hidden_size",
+    "sha256"}``, the hash over the base (non-NP) state dict in float32 (sorted names, shapes, values).
+
+    ``recorded``: return ``model.hilt_base_identity`` when the loader stored one (hilt.hf records it as
+    loaded, before a cast to bfloat16); otherwise it is computed from the model as it is now."""
+    if recorded and isinstance(getattr(model, BASE_IDENTITY_ATTR, None), dict):
+        return dict(getattr(model, BASE_IDENTITY_ATTR))
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "num_hidden_layers"):  # Hugging Face
+        model_type = f"hf:{getattr(cfg, 'model_type', type(model).__name__)}"
+        n_layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+    else:
+        model_type = f"hilt:{type(model).__name__.lower()}"
+        n_layers, hidden = len(_layer_list(model)), int(getattr(cfg, "d_model", 0))
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if _is_np_name(name) or not torch.is_tensor(t):
+            continue
+        v = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(f"{name}\0{tuple(v.shape)}\0".encode())
+        h.update(v.numpy().tobytes() if v.numel() else b"")
+    return {"model_type": model_type, "num_layers": n_layers, "hidden_size": hidden, "sha256": h.hexdigest()}
+
+
+def _check_identity(model: nn.Module, path: Path, saved: dict) -> None:
+    mine = base_identity(model)
+    diff = [k for k in ("model_type", "num_layers", "hidden_size", "sha256") if saved.get(k) != mine.get(k)]
+    if diff:
+        what = ", ".join(f"{k} {saved.get(k)!r} (file) vs {mine.get(k)!r} (model)" for k in diff)
+        raise NPTError(f"{path}: these NP weights were trained on a different base model: {what}. Load them onto "
+                       "the base they were trained on")
+
+
 def save_np_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> Path:
     """Write only the NP weights to a safetensors file, atomically (temp file, fsync, rename). The file's
     metadata holds the NPT settings (and the base model's config when it has one)."""
@@ -389,6 +426,7 @@ def save_np_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: O
     if cfg is None or not sd:
         raise NPTError("the model has no NP layers to save")
     meta = {"hilt_npt_format": str(NP_FORMAT_VERSION), "npt_config": json.dumps(cfg.to_dict())}
+    meta["base_identity"] = json.dumps(base_identity(model))
     base_cfg = getattr(model, "config", None)
     if base_cfg is not None and hasattr(base_cfg, "to_dict"):
         with contextlib.suppress(TypeError, ValueError):
@@ -464,14 +502,19 @@ def _converter_for(model: nn.Module) -> Callable[..., list[int]]:
                    "registers convert_hf_llama_to_npt)")
 
 
-def load_np_weights(model: nn.Module, path: Union[str, os.PathLike]) -> list[int]:
+def load_np_weights(model: nn.Module, path: Union[str, os.PathLike], check_base: bool = True) -> list[int]:
     """Load NP weights saved by :func:`save_np_weights` into ``model``. A model without NP layers is
-    converted first with the saved settings; one with NP layers must match them. Returns the NP layers."""
+    converted first with the saved settings; one with NP layers must match them. Returns the NP layers.
+
+    ``check_base``: when the file records the identity of its base (:func:`base_identity`), the model's
+    must match, else :class:`NPTError` (files without one load unchecked)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_np_metadata(path)
     saved = meta["npt_config"]
+    if check_base and isinstance(meta.get("base_identity"), dict):
+        _check_identity(model, path, meta["base_identity"])
     if not npt_layers(model):
         convert = _converter_for(model)
         convert(model, saved["layers"], np_rank=saved["np_rank"], num_ranks=saved["num_ranks"],
@@ -615,13 +658,19 @@ def scaffolded_forward(model: nn.Module, ids: Tensor, attn_ratio: float = 1.0, m
         attn_in = lerp_states(t_in[i], h_s, float(attn_ratio))
         mlp_in = lerp_states(t_in[i], h_s, float(mlp_ratio))
         h_s, a, delta, vectors = layer.npt_forward(attn_in, mlp_in, key_padding_mask, return_parts=True)
-        direct = _masked_mean((delta.float() - t_delta[i].float()) ** 2, keep)
-        reg = sum(_masked_mean(v_a.float().pow(2).sum(-1).sum(-1, keepdim=True), keep)
-                  + _masked_mean(v_b.float().pow(2).sum(-1).sum(-1, keepdim=True), keep)
-                  for v_a, v_b in vectors.values())
-        with torch.no_grad():
-            va = torch.stack([_masked_mean(v.float().norm(dim=-1), keep) for v, _ in vectors.values()]).mean()
-            vb = torch.stack([_masked_mean(v.float().norm(dim=-1), keep) for _, v in vectors.values()]).mean()
-            cos = _v_a_attn_cos(vectors, a.detach(), keep)
-        stats[i] = LayerStats(direct, reg, va, vb, cos)
+        stats[i] = layer_stats(delta, t_delta[i], vectors, a, keep)
     return ScaffoldOutput(model.head(h_s), teacher_logits, stats)
+
+
+def layer_stats(delta: Tensor, target: Tensor, vectors: dict, a: Tensor, keep: Optional[Tensor] = None) -> LayerStats:
+    """An NP layer's :class:`LayerStats` from its ``delta = MLP_mod(...)`` (B, T, d), the teacher's update
+    ``target`` (B, T, d), its v vectors and attention output ``a`` (B, T, d); ``keep`` (B, T) masks tokens."""
+    direct = _masked_mean((delta.float() - target.float()) ** 2, keep)
+    reg = sum(_masked_mean(v_a.float().pow(2).sum(-1).sum(-1, keepdim=True), keep)
+              + _masked_mean(v_b.float().pow(2).sum(-1).sum(-1, keepdim=True), keep)
+              for v_a, v_b in vectors.values())
+    with torch.no_grad():
+        va = torch.stack([_masked_mean(v.float().norm(dim=-1), keep) for v, _ in vectors.values()]).mean()
+        vb = torch.stack([_masked_mean(v.float().norm(dim=-1), keep) for _, v in vectors.values()]).mean()
+        cos = _v_a_attn_cos(vectors, a.detach(), keep)
+    return LayerStats(direct, reg, va, vb, cos)

@@ -76,26 +76,49 @@ class InterLayerTransformer(nn.Module):
         x = self.dropout(x)
         return self.proj_out(x.mean(dim=1))
 
+    def step_weights(self) -> "_StepWeights":
+        """The weights of :meth:`step`'s fast path, packed once (detached copies, so rebuild them after
+        the parameters change; ``HILT.init_cache`` packs them with each cache): ``proj_in``'s weight
+        transposed, its bias plus each window position's embedding, per window layer the qkv weight
+        with the query part pre-scaled by ``head_dim ** -0.5``, transposed linear weights, zeros for absent
+        biases, the first MLP weight and bias divided by sqrt(2) (GELU as ``a (1 + erf a)``, the sqrt(2)
+        moved into the second MLP weight) and ``proj_out``'s weight halved and stacked twice (the mean over
+        the window is part of its matmul)."""
+        with torch.no_grad():
+            return _StepWeights(self)
+
     def step(self, prev: Tensor, cur: Tensor, out: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-             fused: bool = True) -> Tensor:
+             fused: bool = True, weights: Optional["_StepWeights"] = None) -> Tensor:
         """:meth:`forward`'s math with few ops, for decoding (eval mode: no dropout).
 
-        ``prev``, ``cur`` (B, T, d_model). Both states go through one ``proj_in`` (window on a trailing
-        axis: (B·T, 2, ilt_dim)); each window layer is one call of PyTorch's fused pre-LN encoder-layer op
-        (``torch._transformer_encoder_layer_fwd``, the kernel behind ``nn.TransformerEncoderLayer``'s
-        inference fast path, with the 2×2 causal mask; under ``torch.no_grad`` only), or, with ``fused=False``,
-        gradients enabled or layers without biases, a few functional ops (a softmax over two scores is a sigmoid of their difference). Returns the
-        modulation (B, T, d_model), or, with ``out`` and ``scale``, ``out + scale · modulation`` in one op.
+        ``prev``, ``cur`` (B, T, d_model). Under ``torch.no_grad`` (with ``fused``, the dtype of the
+        parameters) it runs on packed weights (``weights`` from :meth:`step_weights`; packed here when not
+        given, which is slow: pass them when stepping repeatedly). The window is two row blocks, (2·B·T,
+        ilt_dim): the ``prev`` rows, then the ``cur`` rows, and each window layer is 12 ops writing into
+        reused buffers: layer norm; one qkv matmul for both rows; ``k0 - k1`` and ``v0 - v1`` in one
+        subtraction; the per-head scores ``q . (k0 - k1)`` as one batched matmul, only for the current row
+        when causal (the previous row attends to itself: its weight stays 1), and a sigmoid (the softmax
+        over two scores is ``sigmoid(s0 - s1)``); ``v1 + p (v0 - v1)`` for both rows in one op; the output
+        projection added to the residual in place; layer norm, the first MLP matmul, an ``erf`` and an
+        ``addcmul`` (GELU), the second MLP matmul added in place (both biases come out of their matmuls).
+        With gradients enabled or ``fused=False``: the functional per-module path (autograd). Returns the
+        modulation (B, T, d_model), or, with ``out`` and ``scale``, ``out + scale · modulation``.
         """
+        if fused and not torch.is_grad_enabled():
+            if weights is None:
+                weights = self.step_weights()
+            if prev.dtype == weights.dtype:
+                return weights(prev, cur, out, scale)
+        return self._step_functional(prev, cur, out, scale)
+
+    def _step_functional(self, prev: Tensor, cur: Tensor, out: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
         I = self.ilt_dim
         x = F.linear(torch.stack((prev, cur), dim=-2), self.proj_in.weight, self.proj_in.bias)
         x = F.layer_norm(x + self.window_emb.to(x.dtype), (I,), self.norm.weight, self.norm.bias, self.norm.eps)
         lead = x.shape[:-2]
         x = x.reshape(-1, 2, I)
-        use_fused = (fused and not torch.is_grad_enabled() and self.proj_in.bias is not None
-                     and hasattr(torch, "_transformer_encoder_layer_fwd"))
         for layer in self.layers:
-            x = _window_layer_fused(layer, x) if use_fused else _window_layer(layer, x)
+            x = _window_layer(layer, x)
         mod = F.linear(x.mean(-2).view(*lead, I), self.proj_out.weight, self.proj_out.bias)
         if out is None:
             return mod
@@ -106,24 +129,118 @@ class InterLayerTransformer(nn.Module):
                 f"n_layers={self.n_layers}, dropout={self.dropout_p}, causal={self.causal}")
 
 
-_CAUSAL2 = {}
+class _StepWeights:
+    """Packed weights of one ILT for :meth:`InterLayerTransformer.step`; calling it runs the step
+    (no autograd: detached tensors, the layer norms' parameters shared, the rest transformed copies, so
+    rebuild it after the parameters change).
 
+    Layout: the window is two row blocks, x (2·N, I) = (rows of ``prev``; rows of ``cur``), N = B·T.
+    """
 
-def _causal_mask(x: Tensor) -> Tensor:
-    key = (x.device, x.dtype)
-    if key not in _CAUSAL2:
-        _CAUSAL2[key] = torch.tensor([[0.0, float("-inf")], [0.0, 0.0]], device=x.device, dtype=x.dtype)
-    return _CAUSAL2[key]
+    _ONE = 8.0  # the constant MLP column: erf(8) == 1 in every float format, so a + a erf(a) == 16 exactly
 
+    def __init__(self, ilt: InterLayerTransformer) -> None:
+        I, d = ilt.ilt_dim, ilt.d_model
+        w = ilt.proj_in.weight.detach()
+        dt, dev = w.dtype, w.device
+        zeros = lambda n: torch.zeros(n, dtype=dt, device=dev)  # noqa: E731
 
-def _window_layer_fused(layer: TransformerLayer, x: Tensor) -> Tensor:
-    """One pre-LN window layer on x (N, 2, I) in one fused op (eval, GELU MLP, biases present)."""
-    a, m = layer.attn, layer.mlp
-    mask = _causal_mask(x) if a.causal else None
-    return torch._transformer_encoder_layer_fwd(
-        x, a.d_model, a.n_heads, a.qkv.weight, a.qkv.bias, a.out_proj.weight, a.out_proj.bias, True, True,
-        layer.norm1.eps, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
-        m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, mask, 0 if mask is not None else None)
+        def bias(lin: nn.Linear, n: int) -> Tensor:
+            return lin.bias.detach() if lin.bias is not None else zeros(n)
+
+        def ln(norm: nn.LayerNorm):
+            return (norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), norm.eps)
+
+        self.I, self.d, self.dtype, self.causal = I, d, dt, ilt.causal
+        self.w_in = w.t().expand(2, d, I)                                           # (2, d, I)
+        self.b_in = (bias(ilt.proj_in, I) + ilt.window_emb.detach()).view(2, 1, I)  # (2, 1, I)
+        self.norm = ln(ilt.norm)
+        self.layers = []
+        r2, c = 2.0 ** -0.5, self._ONE
+        for layer in ilt.layers:
+            a, m = layer.attn, layer.mlp
+            H, D = a.n_heads, a.head_dim
+            w_qkv = a.qkv.weight.detach().t().clone()                            # (I, 3I): q | k | v
+            b_qkv = bias(a.qkv, 3 * I).clone()
+            w_qkv[:, :I] *= D ** -0.5
+            b_qkv[:I] *= D ** -0.5
+            # MLP: g = a / sqrt(2) (fc1 scaled), gelu(a) = (g + g erf g) / sqrt(2) (fc2 scaled); one more
+            # fc1 column, constant c (zero weights), gives g + g erf g = 2c there, and fc2's row for it is
+            # bias / (2c): fc2's bias comes out of the matmul (exactly: 2c is a power of two)
+            w_1 = torch.cat((m.fc1.weight.detach().t() * r2, zeros(I)[:, None]), 1).contiguous()
+            b_1 = torch.cat((bias(m.fc1, m.d_ff) * r2, torch.full((1,), c, dtype=dt, device=dev)))
+            w_2 = torch.cat((m.fc2.weight.detach().t() * r2, bias(m.fc2, I)[None] / (2 * c))).contiguous()
+            # out_proj with its bias as a last row (the attention output gets a constant-1 column)
+            w_o = torch.cat((a.out_proj.weight.detach().t(), bias(a.out_proj, I)[None])).contiguous()
+            self.layers.append((ln(layer.norm1), w_qkv, b_qkv, H, D, w_o, ln(layer.norm2), w_1, b_1, w_2))
+        w_out = ilt.proj_out.weight.detach().t() * 0.5                               # (I, d): mean of 2 rows
+        self.w_out = torch.cat((w_out, w_out)).contiguous()                          # (2I, d)
+        self.b_out = bias(ilt.proj_out, d)
+        self._ws = None
+
+    def _workspace(self, shape: torch.Size) -> tuple:
+        """Buffers (and their views) for inputs of ``shape``: every op of the step writes into one of
+        them (``out=``), so a step makes no views and few allocations. One shape is kept (the last)."""
+        if self._ws is not None and self._ws[0] == shape:
+            return self._ws[1]
+        I, d = self.I, self.d
+        N = shape.numel() // d
+        new = lambda *size: torch.empty(size, dtype=self.dtype, device=self.w_in.device)  # noqa: E731
+        stacked, x0, mod = new(2, *shape), new(2, N, I), new(N, d)
+        per_layer = []
+        for (n1, w_qkv, b_qkv, H, D, w_o, n2, w_1, b_1, w_2) in self.layers:
+            C = w_qkv.shape[1]
+            t, dt = new(2 * N, C), new(N, C)
+            y = torch.ones(2 * N, I + 1, dtype=self.dtype, device=self.w_in.device)  # last column stays 1
+            p = torch.ones(2, N, H, 1, dtype=self.dtype, device=self.w_in.device)  # causal: p[0] stays 1
+            g, e = new(2 * N, w_1.shape[1]), new(2 * N, w_1.shape[1])
+            # per-head scores q_r . (k0 - k1) as one batched matmul over (token, head): with one token the
+            # (token, head) batch is a plain 3-D view (bmm); otherwise 4-D (matmul)
+            rows = 1 if self.causal else 2
+            if N == 1:
+                mm = torch.bmm
+                q = t.as_strided((H, rows, D), (D, C, 1), (2 - rows) * C)
+                dk = dt.as_strided((H, D, 1), (D, 1, 1), I)
+                s = p.as_strided((H, rows, 1), (1, H, 1), (2 - rows) * H)
+            else:
+                mm = torch.matmul
+                q = t.as_strided((N, H, rows, D), (C, D, N * C, 1), (2 - rows) * N * C)
+                dk = dt.as_strided((N, H, D, 1), (C, D, 1, 1), I)
+                s = p.as_strided((N, H, rows, 1), (H, 1, N * H, 1), (2 - rows) * N * H)
+            per_layer.append((
+                t, t[:N], t[N:], dt, mm, q, dk, s,
+                t.as_strided((N, H, D), (C, D, 1), N * C + 2 * I),               # v1
+                dt[:, 2 * I:].view(N, H, D), p, y[:, :I].view(2, N, H, D), y, g, e))  # v0 - v1
+        ws = (stacked, stacked.view(2, N, d), x0, x0.view(2 * N, I), per_layer, mod, mod.view(shape))
+        self._ws = (shape, ws)
+        return ws
+
+    def __call__(self, prev: Tensor, cur: Tensor, out: Optional[Tensor] = None,
+                 scale: Optional[Tensor] = None) -> Tensor:
+        I, d = self.I, self.d
+        if prev.shape != cur.shape or prev.shape[-1] != d:
+            raise ValueError(f"prev and cur must both be (..., {d}), got {tuple(prev.shape)} and {tuple(cur.shape)}")
+        stacked, stacked3, x0, x0_2d, per_layer, mod, mod_view = self._workspace(prev.shape)
+        layer_norm, addmm, addcmul = torch.layer_norm, torch.addmm, torch.addcmul
+        torch.stack((prev, cur), out=stacked)
+        torch.baddbmm(self.b_in, stacked3, self.w_in, out=x0)
+        x = layer_norm(x0_2d, (I,), *self.norm)                                   # (2N, I): prev rows; cur rows
+        for (n1, w_qkv, b_qkv, H, D, w_o, n2, w_1, b_1, w_2), \
+                (t, t0, t1, dt, mm, q, dk, s, v1, dv, p, y, y1, g, e) in zip(self.layers, per_layer):
+            addmm(b_qkv, layer_norm(x, (I,), *n1), w_qkv, out=t)                 # q | k | v of both rows
+            torch.sub(t0, t1, out=dt)                                             # ., k0 - k1, v0 - v1
+            mm(q, dk, out=s).sigmoid_()                                           # p = softmax over 2 = sigmoid
+            addcmul(v1, p, dv, out=y)                                             # (2, N, H, D): v1 + p (v0 - v1)
+            x.addmm_(y1, w_o)                                                     # x += out_proj(.) (+ bias: y1's 1s)
+            addmm(b_1, layer_norm(x, (I,), *n2), w_1, out=g)                      # g = fc1(.) / sqrt(2)
+            torch.erf(g, out=e)
+            x.addmm_(g.addcmul_(g, e), w_2)                                       # x += fc2(gelu(.)): (g + g erf g) W2'
+        N = mod.shape[0]
+        xc = x.view(1, 2 * I) if N == 1 else x.view(2, N, I).transpose(0, 1).reshape(N, 2 * I)
+        addmm(self.b_out, xc, self.w_out, out=mod)                                # proj_out(mean of the 2 rows)
+        if out is None:
+            return mod_view.clone()
+        return addcmul(out, scale if scale.dtype == out.dtype else scale.to(out.dtype), mod_view)
 
 
 def _window_layer(layer: TransformerLayer, x: Tensor) -> Tensor:

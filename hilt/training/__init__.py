@@ -14,6 +14,9 @@
 - ``lformer.py``: the L-Former phases, synthetic reasoning data and head metrics
 - ``npt.py``: ``train_npt()`` (``hilt npt-train``); ``ablate.py``: ``hilt ablate``;
   ``variants.py``: its ``--models`` entries (``hilt[ilt_scale_start=1],block[block_size=16]``)
+- ``npt_parts.py``: what NPT training on hilt checkpoints and on Hugging Face models shares (curriculum,
+  layer weights, config, loss); ``npt_hf.py``: ``train_npt_hf()`` (``hilt npt-train --hf``);
+  ``hf_data.py``: the corpus tokenized with a Hugging Face tokenizer, cached
 
 Import the module you need (``from hilt.training.loop import train``); this package imports nothing itself.
 """

@@ -30,10 +30,9 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -51,175 +50,13 @@ from .data import BatchSampler, eval_batches, load_corpus
 from .distributed import Dist, all_reduce, cpu_threads, rank0_first, resolve_device, setup_distributed, wrap_model
 from .evaluate import LN2
 from .logging import new_run_dir
+from .npt_parts import (STAGES, CurriculumError, NPTTrainConfig, NPTTrainResult, Stage,
+                        csv_fields, kl_teacher_student, npt_loss, parse_curriculum, parse_layer_weights, stage_at)
 from .schedule import WarmupCosine
 
 __all__ = ["STAGES", "Stage", "CurriculumError", "parse_curriculum", "stage_at", "parse_layer_weights",
            "NPTTrainConfig", "NPTScaffold", "npt_loss", "evaluate_fidelity", "make_sampler", "train_npt",
            "build_parser", "main"]
-
-STAGES = ("teacher", "mixed", "student")
-DEFAULT_CURRICULUM = "teacher:100,mixed:100:0.5,student:100"
-
-
-class CurriculumError(ValueError):
-    """A malformed ``--curriculum`` or ``--layer-weights``; the message names the bad part."""
-
-
-# ------------------------------------------------------------------------------------- curriculum
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    steps: int
-    attn_ratio: float
-    mlp_ratio: float
-    start: int = 0  # first step (0-based) of the stage
-
-    @property
-    def end(self) -> int:
-        return self.start + self.steps
-
-
-def _ratio(text: str, what: str, part: str, i: int) -> float:
-    try:
-        r = float(text)
-    except ValueError:
-        raise CurriculumError(f"curriculum part {i} {part!r}: {what} {text!r} is not a number") from None
-    if not (math.isfinite(r) and 0.0 <= r <= 1.0):
-        raise CurriculumError(f"curriculum part {i} {part!r}: {what} {text!r} must be in [0, 1] "
-                              "(0 = teacher, 1 = student)")
-    return r
-
-
-def parse_curriculum(spec: str) -> list[Stage]:
-    """``stage:steps[:attn_ratio[:mlp_ratio]]``, comma-separated, into :class:`Stage` s.
-
-    Defaults: ``teacher`` = 0 / 0 (both inputs are the teacher's), ``student`` = 1 / 1, ``mixed`` =
-    attn_ratio 0.5 and mlp_ratio = attn_ratio. A teacher stage's attn_ratio must be 0 and a student stage's
-    1 when given (say ``mixed`` otherwise); mlp_ratio is free (``teacher:N:0:1`` feeds the NP layers the
-    teacher's attention input and the student's own residual stream). Ratios are constant within a stage."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise CurriculumError("curriculum is empty; expected 'stage:steps[:attn_ratio[:mlp_ratio]],...' "
-                              f"with stages {'/'.join(STAGES)}")
-    stages: list[Stage] = []
-    start = 0
-    for i, part in enumerate(spec.split(","), 1):
-        raw = part.strip()
-        fields = [f.strip() for f in raw.split(":")]
-        if not raw:
-            raise CurriculumError(f"curriculum part {i} is empty (a stray comma?) in {spec!r}")
-        if len(fields) < 2 or len(fields) > 4:
-            raise CurriculumError(f"curriculum part {i} {raw!r}: expected stage:steps[:attn_ratio[:mlp_ratio]]")
-        name = fields[0].lower()
-        if name not in STAGES:
-            raise CurriculumError(f"curriculum part {i} {raw!r}: unknown stage {fields[0]!r} "
-                                  f"(use {', '.join(STAGES)})")
-        if not fields[1].isdigit() or int(fields[1]) < 1:
-            raise CurriculumError(f"curriculum part {i} {raw!r}: steps {fields[1]!r} is not a positive integer")
-        steps = int(fields[1])
-        default = {"teacher": 0.0, "mixed": 0.5, "student": 1.0}[name]
-        attn = _ratio(fields[2], "attn_ratio", raw, i) if len(fields) > 2 and fields[2] != "" else default
-        mlp = _ratio(fields[3], "mlp_ratio", raw, i) if len(fields) > 3 and fields[3] != "" else (
-            attn if name == "mixed" else default)
-        if name == "teacher" and attn != 0.0:
-            raise CurriculumError(f"curriculum part {i} {raw!r}: a teacher stage has attn_ratio 0; "
-                                  f"use 'mixed:{steps}:{fields[2]}' for a mix")
-        if name == "student" and attn != 1.0:
-            raise CurriculumError(f"curriculum part {i} {raw!r}: a student stage has attn_ratio 1; "
-                                  f"use 'mixed:{steps}:{fields[2]}' for a mix")
-        stages.append(Stage(name, steps, attn, mlp, start))
-        start += steps
-    return stages
-
-
-def stage_at(stages: list[Stage], step: int) -> Stage:
-    """The stage of optimizer step ``step`` (0-based); past the end, the last stage."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    for s in stages:
-        if step < s.end:
-            return s
-    return stages[-1]
-
-
-def parse_layer_weights(spec: str, n: int) -> list[float]:
-    """``uniform`` (all 1), ``linear`` (from 1 at the first NP layer down to 1/n at the last), or ``n``
-    comma-separated non-negative numbers (not all 0). The direct loss is ``sum w_i L_i / sum w_i``."""
-    if n < 1:
-        raise CurriculumError("layer weights need at least one NP layer")
-    s = str(spec).strip().lower()
-    if s == "uniform":
-        return [1.0] * n
-    if s == "linear":
-        return [1.0 - j / n for j in range(n)]
-    parts = [p.strip() for p in s.split(",")]
-    if len(parts) != n:
-        raise CurriculumError(f"layer weights {spec!r}: expected 'uniform', 'linear' or {n} comma-separated "
-                              f"numbers (one per NP layer), got {len(parts)}")
-    out = []
-    for p in parts:
-        try:
-            w = float(p)
-        except ValueError:
-            raise CurriculumError(f"layer weights {spec!r}: {p!r} is not a number") from None
-        if not math.isfinite(w) or w < 0:
-            raise CurriculumError(f"layer weights {spec!r}: {p!r} must be a finite number >= 0")
-        out.append(w)
-    if sum(out) <= 0:
-        raise CurriculumError(f"layer weights {spec!r}: at least one must be > 0")
-    return out
-
-
-# ------------------------------------------------------------------------------------------- config
-
-@dataclass
-class NPTTrainConfig:
-    ckpt: str = ""                   # base Llama checkpoint folder (hilt train --model llama)
-    layers: str = "upper_half"       # all | upper_half | lower_half | A-B | A,B,C
-    np_rank: int = 64
-    num_ranks: int = 1
-    modulate: str = "dual"           # single | dual | triple
-    curriculum: str = DEFAULT_CURRICULUM
-    layer_weights: str = "uniform"
-    data: Optional[str] = None       # None: the data the base was trained on
-    out: Optional[str] = None        # None: runs/npt-<YYYYmmdd-HHMMSS>
-    device: str = "auto"
-    threads: Optional[int] = None
-    seed: int = 1337
-    batch_size: int = 8              # global sequences per step (split between processes)
-    seq_len: Optional[int] = None    # None: the model's max_seq_len
-    lr: float = 1e-3
-    min_lr: Optional[float] = None   # None: lr / 10
-    warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    direct_weight: float = 1.0
-    kl_weight: float = 1.0
-    reg_weight: float = 1e-4
-    eval_every: int = 0              # 0: before training and at the end only
-    eval_iters: int = 10
-    eval_batch_size: Optional[int] = None
-    progress: bool = True
-    use_cache: bool = True
-
-    def validate(self) -> None:
-        if not self.ckpt:
-            raise TrainingError("--ckpt (a Llama checkpoint folder) is required")
-        N.NPTConfig(np_rank=self.np_rank, num_ranks=self.num_ranks, modulate=self.modulate).validate()
-        parse_curriculum(self.curriculum)
-        for name in ("batch_size", "eval_iters"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every"):
-            if getattr(self, name) < 0:
-                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("direct_weight", "kl_weight", "reg_weight", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise TrainingError(f"{name} must be a finite number >= 0, got {v}")
-        if not self.lr > 0:
-            raise TrainingError(f"lr must be > 0, got {self.lr}")
-
 
 # --------------------------------------------------------------------------------------- the pieces
 
@@ -233,25 +70,6 @@ class NPTScaffold(nn.Module):
 
     def forward(self, ids, attn_ratio: float, mlp_ratio: float, key_padding_mask=None) -> N.ScaffoldOutput:
         return N.scaffolded_forward(self.model, ids, attn_ratio, mlp_ratio, key_padding_mask)
-
-
-def kl_teacher_student(teacher_logits, student_logits) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, summed over the vocabulary, mean over tokens."""
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
-
-
-def npt_loss(out: N.ScaffoldOutput, weights: list[float], cfg: NPTTrainConfig) -> tuple[torch.Tensor, dict]:
-    """(total loss, parts): ``direct_weight * sum w_i L_i / sum w_i + kl_weight * KL + reg_weight * mean reg``."""
-    idx = sorted(out.layers)
-    w = torch.tensor(weights, dtype=torch.float32, device=out.student_logits.device)
-    direct = torch.stack([out.layers[i].direct_loss for i in idx])
-    direct = (w * direct).sum() / w.sum()
-    reg = torch.stack([out.layers[i].reg for i in idx]).mean()
-    kl = kl_teacher_student(out.teacher_logits, out.student_logits)
-    total = cfg.direct_weight * direct + cfg.kl_weight * kl + cfg.reg_weight * reg
-    return total, {"direct": direct.detach(), "kl": kl.detach(), "reg": reg.detach()}
 
 
 @torch.no_grad()
@@ -288,25 +106,7 @@ def make_sampler(corpus_train: np.ndarray, cfg: NPTTrainConfig, seq_len: int, d:
                         device=device)
 
 
-def _csv_fields(layers: list[int], num_ranks: int) -> list[str]:
-    f = ["step", "stage", "attn_ratio", "mlp_ratio", "lr", "loss", "direct", "kl", "reg", "grad_norm", "skipped"]
-    for i in layers:
-        f += [f"layer{i}_direct", f"layer{i}_v_a_norm", f"layer{i}_v_b_norm", f"layer{i}_v_a_attn_cos"]
-        f += [f"layer{i}_v_a_attn_cos_r{k}" for k in range(num_ranks)]
-    return f + ["val_kl", "val_agreement", "val_student_bpb", "val_teacher_bpb", "seconds"]
-
-
 # ------------------------------------------------------------------------------------------- the run
-
-@dataclass
-class NPTTrainResult:
-    out_dir: Path
-    before: dict
-    after: dict
-    history: list = field(default_factory=list)
-    model: Optional[nn.Module] = None
-    paths: dict = field(default_factory=dict)
-
 
 def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
     cfg.validate()
@@ -356,7 +156,7 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
     out = new_run_dir(cfg.out, "npt", d)
     paths = {"csv": out / "metrics.csv", "weights": out / "np_weights.safetensors", "summary": out / "summary.json",
              "config": out / "npt_config.json"}
-    fields = _csv_fields(layers, cfg.num_ranks)
+    fields = csv_fields(layers, cfg.num_ranks)
     if d.master:
         out.mkdir(parents=True, exist_ok=True)
         paths["config"].write_text(json.dumps(dict(asdict(cfg), npt=model.npt_config.to_dict(),
@@ -471,7 +271,16 @@ def build_parser(prog: str = "hilt npt-train") -> argparse.ArgumentParser:
                "(default 0.5, mlp = attn) and student (1/1); ratio 0 = the teacher's hidden state, 1 = the "
                "student's, linear in between. Example: teacher:200,mixed:100:0.3,mixed:100:0.7,student:200.\n"
                "Several processes: torchrun --nproc_per_node=N -m hilt.npt_train ...")
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="base Llama checkpoint (hilt train --model llama)")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--ckpt", metavar="PATH", help="base Llama checkpoint (hilt train --model llama)")
+    base.add_argument("--hf", metavar="PATH", help="base Hugging Face Llama model: a model folder or a .gguf file "
+                                                  "(needs pip install 'hilt[hf]'; its own tokenizer; one process)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="with --hf: dtype of the frozen base (the NP weights stay float32; default: float32)")
+    p.add_argument("--grad-checkpoint", action="store_const", const=True,
+                   help="with --hf: recompute the student layers in the backward pass (less memory)")
+    p.add_argument("--np-weights", metavar="FILE", help="with --hf: start from these trained NP layers (frozen, "
+                                                       "NPT mode) and train --layers on top: layer by layer")
     p.add_argument("--layers", help=f"layers to convert: all, upper_half, lower_half, A-B or A,B,C (0-based; "
                                     f"default: {D.layers})")
     p.add_argument("--np-rank", type=int, help=f"bottleneck width r of the v generators (default: {D.np_rank})")
@@ -505,7 +314,17 @@ def build_parser(prog: str = "hilt npt-train") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "hilt npt-train") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.hf is not None:
+        from .npt_hf import HFNPTTrainConfig, train_npt_hf
+
+        names = {f.name for f in dataclasses.fields(HFNPTTrainConfig)}
+        cfg = HFNPTTrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+        return run_cli(lambda: train_npt_hf(cfg), prog)
+    for flag in ("dtype", "grad_checkpoint", "np_weights"):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag.replace('_', '-')} needs --hf")
     names = {f.name for f in dataclasses.fields(NPTTrainConfig)}
     cfg = NPTTrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     return run_cli(lambda: train_npt(cfg), prog)

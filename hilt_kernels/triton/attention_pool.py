@@ -37,27 +37,28 @@ Limits
 - B * nb < 2**31 (grid axis 0); addresses are computed in int64.
 - min(block_size, T) <= 65535 (backward grid axis 1). Very long blocks work but have little
   forward parallelism (one program per block x head group x D tile).
+- H <= 65535 * BLOCK_H (grid axes 1 / 2 hold head groups).
 - On GPU the tile sizes (BLOCK_T, BLOCK_D, num_warps) are chosen by ``triton.autotune`` per
-  (block_size, D, BLOCK_H, SHARED, HAS_MASK, dtypes) among at most 8 register-budgeted candidates;
-  under TRITON_INTERPRET=1 a fixed small config is used (no autotune), and the loops get constexpr
-  trip counts (T_ITERS / D_ITERS) because the interpreter cannot run loops with runtime bounds;
-  on GPU those are 0 and the loops use runtime bounds.
+  (block_size, D, BLOCK_H, SHARED, HAS_MASK, dtypes) among at most 8 register-budgeted candidates
+  (``CANDIDATES``, ``prune_fwd`` / ``prune_bwd``); under TRITON_INTERPRET=1 or
+  HILT_TRITON_FIXED_CONFIG=1 the first kept candidate runs (``_launch.py``). The loops have runtime
+  bounds everywhere.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from hilt_kernels._alloc import empty
+from hilt_kernels.triton import _launch
+from hilt_kernels.triton._launch import Tuned
 
 __all__ = ["unsupported", "forward", "backward"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SHARED_HEADS = 64
 _MAX_BLOCK_SIZE = 65535  # backward grid axis 1 = cdiv(min(block_size, T), BLOCK_T) <= 65535
@@ -83,12 +84,13 @@ def _load_scores(s_base, m_base, t0, end, s_st, s_sh, m_st, offs_h, h_mask,
     t = t0 + tl.arange(0, BLOCK_T)
     in_blk = t < end
     t64 = t.to(tl.int64)
+    h64 = offs_h.to(tl.int64)
     valid = in_blk
     if HAS_MASK:
         pad = tl.load(m_base + t64 * m_st, mask=in_blk, other=1)
         valid = in_blk & (pad == 0)
     lmask = valid[:, None] & h_mask[None, :]
-    s = tl.load(s_base + t64[:, None] * s_st + offs_h[None, :] * s_sh, mask=lmask,
+    s = tl.load(s_base + t64[:, None] * s_st + h64[None, :] * s_sh, mask=lmask,
                 other=float("-inf")).to(tl.float32)
     s = tl.where(lmask, s, float("-inf"))
     return s, t64, in_blk, valid
@@ -107,21 +109,14 @@ def _stats_step(m, l, s_base, m_base, t0, end, s_st, s_sh, m_st, offs_h, h_mask,
 
 @triton.jit
 def _block_stats(s_base, m_base, start, end, s_st, s_sh, m_st, offs_h, h_mask,
-                 HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                 T_ITERS: tl.constexpr):
+                 HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per-head max and 1 / sum(exp(s - max)) over the block's valid tokens.
     A head with no valid token gets max 0 and inverse sum 0 (so its weights are exactly 0)."""
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if T_ITERS > 0:
-        # interpreter: constexpr trip count (chunks past `end` are fully masked no-ops)
-        for it in range(T_ITERS):
-            m, l = _stats_step(m, l, s_base, m_base, start + it * BLOCK_T, end, s_st, s_sh, m_st,
-                               offs_h, h_mask, HAS_MASK, BLOCK_T)
-    else:
-        for t0 in range(start, end, BLOCK_T):
-            m, l = _stats_step(m, l, s_base, m_base, t0, end, s_st, s_sh, m_st,
-                               offs_h, h_mask, HAS_MASK, BLOCK_T)
+    for t0 in range(start, end, BLOCK_T):
+        m, l = _stats_step(m, l, s_base, m_base, t0, end, s_st, s_sh, m_st,
+                           offs_h, h_mask, HAS_MASK, BLOCK_T)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     inv_l = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
     return m_use, inv_l
@@ -134,13 +129,15 @@ def _fwd_step(acc, s_base, m_base, v_base, t0, end, m_use, inv_l, s_st, s_sh, m_
     s, t64, _ib, valid = _load_scores(s_base, m_base, t0, end, s_st, s_sh, m_st, offs_h,
                                       h_mask, HAS_MASK, BLOCK_T)
     w = tl.exp(s - m_use[None, :]) * inv_l[None, :]  # [BLOCK_T, BLOCK_H], 0 where invalid
+    h64 = offs_h.to(tl.int64)
+    d64 = offs_d.to(tl.int64)
     if SHARED:
-        vp = v_base + t64[:, None] * v_st + offs_d[None, :] * v_sd
+        vp = v_base + t64[:, None] * v_st + d64[None, :] * v_sd
         v = tl.load(vp, mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w[:, :, None] * v[:, None, :], axis=0)
     else:
-        vp = (v_base + t64[:, None, None] * v_st + offs_h[None, :, None] * v_sh
-              + offs_d[None, None, :] * v_sd)
+        vp = (v_base + t64[:, None, None] * v_st + h64[None, :, None] * v_sh
+              + d64[None, None, :] * v_sd)
         vm = valid[:, None, None] & h_mask[None, :, None] & d_mask[None, None, :]
         v = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
         acc += tl.sum(w[:, :, None] * v, axis=0)
@@ -157,7 +154,6 @@ def _apool_fwd_kernel(
     o_sb, o_sn, o_sh, o_sd,
     SHARED: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    T_ITERS: tl.constexpr = 0,  # > 0 only under the interpreter: constexpr loop trip counts
 ):
     pid_bn = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -177,22 +173,16 @@ def _apool_fwd_kernel(
     v_base = V + b * v_sb
 
     m_use, inv_l = _block_stats(s_base, m_base, start, end, s_st, s_sh, m_st, offs_h, h_mask,
-                                HAS_MASK, BLOCK_T, BLOCK_H, T_ITERS)
+                                HAS_MASK, BLOCK_T, BLOCK_H)
 
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    if T_ITERS > 0:
-        for it in range(T_ITERS):
-            acc = _fwd_step(acc, s_base, m_base, v_base, start + it * BLOCK_T, end, m_use, inv_l,
-                            s_st, s_sh, m_st, v_st, v_sh, v_sd, offs_h, h_mask, offs_d, d_mask,
-                            SHARED, HAS_MASK, BLOCK_T)
-    else:
-        for t0 in range(start, end, BLOCK_T):
-            acc = _fwd_step(acc, s_base, m_base, v_base, t0, end, m_use, inv_l,
-                            s_st, s_sh, m_st, v_st, v_sh, v_sd, offs_h, h_mask, offs_d, d_mask,
-                            SHARED, HAS_MASK, BLOCK_T)
+    for t0 in range(start, end, BLOCK_T):
+        acc = _fwd_step(acc, s_base, m_base, v_base, t0, end, m_use, inv_l,
+                        s_st, s_sh, m_st, v_st, v_sh, v_sd, offs_h, h_mask, offs_d, d_mask,
+                        SHARED, HAS_MASK, BLOCK_T)
 
-    op = (O + b * o_sb + n.to(tl.int64) * o_sn + offs_h[:, None] * o_sh
-          + offs_d[None, :] * o_sd)
+    op = (O + b * o_sb + n.to(tl.int64) * o_sn + offs_h.to(tl.int64)[:, None] * o_sh
+          + offs_d.to(tl.int64)[None, :] * o_sd)
     tl.store(op, acc.to(O.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
 
 
@@ -204,27 +194,29 @@ def _bwd_d_step(dp, c, d0, D, do_base, o_base, v_base, dv_base, w, t64, in_blk, 
     offs_d = d0 + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     hd_mask = h_mask[:, None] & d_mask[None, :]
-    do = tl.load(do_base + offs_h[:, None] * do_sh + offs_d[None, :] * do_sd, mask=hd_mask,
+    h64 = offs_h.to(tl.int64)
+    d64 = offs_d.to(tl.int64)
+    do = tl.load(do_base + h64[:, None] * do_sh + d64[None, :] * do_sd, mask=hd_mask,
                  other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D]
-    o = tl.load(o_base + offs_h[:, None] * o_sh + offs_d[None, :] * o_sd, mask=hd_mask,
+    o = tl.load(o_base + h64[:, None] * o_sh + d64[None, :] * o_sd, mask=hd_mask,
                 other=0.0).to(tl.float32)
     c += tl.sum(do * o, axis=1)
     if SHARED:
-        v = tl.load(v_base + t64[:, None] * v_st + offs_d[None, :] * v_sd,
+        v = tl.load(v_base + t64[:, None] * v_st + d64[None, :] * v_sd,
                     mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         dp += tl.sum(v[:, None, :] * do[None, :, :], axis=2)
         dv = tl.sum(w[:, :, None] * do[None, :, :], axis=1)  # [BLOCK_T, BLOCK_D]
-        tl.store(dv_base + t64[:, None] * dv_st + offs_d[None, :] * dv_sd,
+        tl.store(dv_base + t64[:, None] * dv_st + d64[None, :] * dv_sd,
                  dv.to(dv_base.dtype.element_ty), mask=in_blk[:, None] & d_mask[None, :])
     else:
-        off3 = offs_h[None, :, None] * v_sh + offs_d[None, None, :] * v_sd
+        off3 = h64[None, :, None] * v_sh + d64[None, None, :] * v_sd
         vm = valid[:, None, None] & hd_mask[None, :, :]
         v = tl.load(v_base + t64[:, None, None] * v_st + off3, mask=vm,
                     other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_H, BLOCK_D]
         dp += tl.sum(v * do[None, :, :], axis=2)
         dv = w[:, :, None] * do[None, :, :]
-        dvp = (dv_base + t64[:, None, None] * dv_st + offs_h[None, :, None] * dv_sh
-               + offs_d[None, None, :] * dv_sd)
+        dvp = (dv_base + t64[:, None, None] * dv_st + h64[None, :, None] * dv_sh
+               + d64[None, None, :] * dv_sd)
         tl.store(dvp, dv.to(dv_base.dtype.element_ty),
                  mask=in_blk[:, None, None] & hd_mask[None, :, :])
     return dp, c
@@ -232,8 +224,7 @@ def _bwd_d_step(dp, c, d0, D, do_base, o_base, v_base, dv_base, w, t64, in_blk, 
 
 @triton.jit
 def _apool_stats_kernel(S, M, STATS, n_stats, T, H, NB, block_size, s_sb, s_st, s_sh, m_sb, m_st,
-                        HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                        T_ITERS: tl.constexpr):
+                        HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """Backward helper for long blocks: STATS[0, b*NB+n, h] = max, STATS[1, ...] = 1/sum(exp)."""
     pid_bn = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -244,7 +235,7 @@ def _apool_stats_kernel(S, M, STATS, n_stats, T, H, NB, block_size, s_sb, s_st, 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     m_use, inv_l = _block_stats(S + b * s_sb, M + b * m_sb, start, end, s_st, s_sh, m_st, offs_h,
-                                h_mask, HAS_MASK, BLOCK_T, BLOCK_H, T_ITERS)
+                                h_mask, HAS_MASK, BLOCK_T, BLOCK_H)
     st = STATS + pid_bn.to(tl.int64) * H + offs_h
     tl.store(st, m_use, mask=h_mask)
     tl.store(st + n_stats, inv_l, mask=h_mask)
@@ -264,7 +255,6 @@ def _apool_bwd_kernel(
     STATS, n_stats,
     SHARED: tl.constexpr, HAS_MASK: tl.constexpr, PRECOMP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    T_ITERS: tl.constexpr = 0, D_ITERS: tl.constexpr = 0,  # > 0 only under the interpreter
 ):
     pid_bn = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -291,7 +281,7 @@ def _apool_bwd_kernel(
         inv_l = tl.load(st + n_stats, mask=h_mask, other=0.0)
     else:
         m_use, inv_l = _block_stats(s_base, m_base, start, end, s_st, s_sh, m_st, offs_h, h_mask,
-                                    HAS_MASK, BLOCK_T, BLOCK_H, T_ITERS)
+                                    HAS_MASK, BLOCK_T, BLOCK_H)
     s, t64, in_blk, valid = _load_scores(s_base, m_base, t0, end, s_st, s_sh, m_st, offs_h,
                                          h_mask, HAS_MASK, BLOCK_T)
     w = tl.exp(s - m_use[None, :]) * inv_l[None, :]  # [BLOCK_T, BLOCK_H]
@@ -299,20 +289,13 @@ def _apool_bwd_kernel(
     dp = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     c = tl.zeros([BLOCK_H], dtype=tl.float32)
     dv_base = DV + b * dv_sb
-    if D_ITERS > 0:
-        # interpreter: constexpr trip count
-        for it in range(D_ITERS):
-            dp, c = _bwd_d_step(dp, c, it * BLOCK_D, D, do_base, o_base, v_base, dv_base, w,
-                                t64, in_blk, valid, offs_h, h_mask, do_sh, do_sd, o_sh, o_sd,
-                                v_st, v_sh, v_sd, dv_st, dv_sh, dv_sd, SHARED, BLOCK_D)
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dp, c = _bwd_d_step(dp, c, d0, D, do_base, o_base, v_base, dv_base, w,
-                                t64, in_blk, valid, offs_h, h_mask, do_sh, do_sd, o_sh, o_sd,
-                                v_st, v_sh, v_sd, dv_st, dv_sh, dv_sd, SHARED, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dp, c = _bwd_d_step(dp, c, d0, D, do_base, o_base, v_base, dv_base, w,
+                            t64, in_blk, valid, offs_h, h_mask, do_sh, do_sd, o_sh, o_sd,
+                            v_st, v_sh, v_sd, dv_st, dv_sh, dv_sd, SHARED, BLOCK_D)
 
     ds = w * (dp - c[None, :])
-    dsp = DS + b * ds_sb + t64[:, None] * ds_st + offs_h[None, :] * ds_sh
+    dsp = DS + b * ds_sb + t64[:, None] * ds_st + offs_h.to(tl.int64)[None, :] * ds_sh
     tl.store(dsp, ds.to(DS.dtype.element_ty), mask=in_blk[:, None] & h_mask[None, :])
 
 
@@ -320,21 +303,28 @@ def _apool_bwd_kernel(
 # configs
 # --------------------------------------------------------------------------------------------
 
-_CANDIDATES = [
+CANDIDATES = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
     for bt, bd, w in itertools.product((1, 2, 4, 8, 16, 32), (32, 64, 128, 256), (2, 4, 8))
 ]
 _MAX_TUNED = 8  # configs benchmarked per autotune key
 
 
-def _make_prune(max_per_thread: int):
+def _make_prune(max_per_thread: int, max_per_thread_fp32: int):
     """Clip each candidate's tile to the problem (BLOCK_T <= next_pow2(block_size), BLOCK_D <=
     next_pow2(D)), keep tiles giving every thread 4..max_per_thread fp32 elements of the
-    (BLOCK_T, BLOCK_H, BLOCK_D) tile (register budget), and bench at most _MAX_TUNED of them."""
+    (BLOCK_T, BLOCK_H, BLOCK_D) tile (register budget; fp32 values: max_per_thread_fp32, since the
+    fp32 loads take more registers and 32 per thread spills on sm_90), and bench at most
+    _MAX_TUNED of them, widest D tile first (the first kept config is the one a fixed-config launch
+    runs)."""
 
     def prune(configs, named_args, **kwargs):
         bs = int(named_args["block_size"])
         D = int(named_args["D"])
+        if named_args["V"].element_size() == 4:
+            max_pt = max_per_thread_fp32
+        else:
+            max_pt = max_per_thread
         bh = int(kwargs.get("BLOCK_H", named_args.get("BLOCK_H", 1)))
         tmax, dmax = _p2(bs), _p2(D)
         lo = min(4, max(1, tmax * bh * dmax // 64))
@@ -344,7 +334,7 @@ def _make_prune(max_per_thread: int):
             bd = min(c.kwargs["BLOCK_D"], dmax)
             w = c.num_warps
             per_thread = bt * bh * bd / (32 * w)
-            if lo <= per_thread <= max_per_thread:
+            if lo <= per_thread <= max_pt:
                 seen.setdefault((bt, bd, w), triton.Config({"BLOCK_T": bt, "BLOCK_D": bd},
                                                            num_warps=w))
         if not seen:  # tiny problem or huge BLOCK_H: one small tile
@@ -363,29 +353,19 @@ def _make_prune(max_per_thread: int):
     return prune
 
 
+prune_fwd = _make_prune(32, 16)
+prune_bwd = _make_prune(16, 16)
 _FWD_KEY = ["block_size", "D", "BLOCK_H", "SHARED", "HAS_MASK"]
 _BWD_KEY = _FWD_KEY + ["PRECOMP"]
 
-if _INTERPRET:
-    _fwd_launch = _apool_fwd_kernel
-    _bwd_launch = _apool_bwd_kernel
-else:
-    _fwd_launch = triton.autotune(configs=_CANDIDATES, key=_FWD_KEY,
-                                  prune_configs_by={"early_config_prune": _make_prune(32)})(
-                                      _apool_fwd_kernel)
-    _bwd_launch = triton.autotune(configs=_CANDIDATES, key=_BWD_KEY,
-                                  prune_configs_by={"early_config_prune": _make_prune(16)})(
-                                      _apool_bwd_kernel)
+fwd_kernel = Tuned(_apool_fwd_kernel, CANDIDATES, _FWD_KEY, prune_fwd)
+bwd_kernel = Tuned(_apool_bwd_kernel, CANDIDATES, _BWD_KEY, prune_bwd)
+KERNELS = (fwd_kernel, bwd_kernel)
 
-
-def _interp_config(n_t: int, D: int, backward: bool = False) -> dict:
-    """Fixed small tiles under TRITON_INTERPRET=1, with constexpr loop trip counts (the interpreter
-    cannot run loops whose bounds are runtime values)."""
-    bt, bd = min(_p2(n_t), 4), min(_p2(D), 16)
-    cfg = {"BLOCK_T": bt, "BLOCK_D": bd, "num_warps": 1, "T_ITERS": triton.cdiv(n_t, bt)}
-    if backward:
-        cfg["D_ITERS"] = triton.cdiv(D, bd)
-    return cfg
+# backward statistics of long blocks (untuned: one pass over the scores per block and head group)
+_STATS_BLOCK_T = 64
+_STATS_BLOCK_H = 16
+_STATS_WARPS = 4
 
 
 def _block_h(H: int, D: int, shared: bool) -> int:
@@ -412,12 +392,14 @@ def unsupported(scores, values, block_size, key_padding_mask) -> list[str]:
         if _p2(H) > _MAX_SHARED_HEADS:
             reasons.append(f"shared values need H <= {_MAX_SHARED_HEADS} (got H = {H})")
     if scores.dim() == 3:
-        B, T = scores.shape[0], scores.shape[1]
+        B, T, H = scores.shape[0], scores.shape[1], scores.shape[2]
         nb = -(-T // max(int(block_size), 1))
         if B * nb >= 2**31:
             reasons.append("B * ceil(T / block_size) must be < 2**31")
         if min(int(block_size), T) > _MAX_BLOCK_SIZE:
             reasons.append(f"min(block_size, T) must be <= {_MAX_BLOCK_SIZE}")
+        if values.dim() == 4 and triton.cdiv(H, _block_h(H, values.shape[-1], False)) > _launch.GRID_YZ_MAX:
+            reasons.append(f"H = {H} heads need more than {_launch.GRID_YZ_MAX} head groups (grid axis limit)")
     return reasons
 
 
@@ -450,15 +432,8 @@ def forward(scores, values, block_size: int, key_padding_mask):
     args = (scores, values, m, out, T, H, D, nb, block_size,
             scores.stride(0), scores.stride(1), scores.stride(2),
             v_sb, v_st, v_sh, v_sd, m_sb, m_st, *out.stride())
-    if _INTERPRET:
-        cfg = _interp_config(min(block_size, T), D)
-        grid = (B * nb, triton.cdiv(H, BLOCK_H), triton.cdiv(D, cfg["BLOCK_D"]))
-        _fwd_launch[grid](*args, SHARED=shared, HAS_MASK=has_mask, BLOCK_H=BLOCK_H, **cfg)
-    else:
-        def grid(meta):
-            return (B * nb, triton.cdiv(H, BLOCK_H), triton.cdiv(D, meta["BLOCK_D"]))
-
-        _fwd_launch[grid](*args, SHARED=shared, HAS_MASK=has_mask, BLOCK_H=BLOCK_H)
+    fwd_kernel[lambda meta: (B * nb, triton.cdiv(H, BLOCK_H), triton.cdiv(D, meta["BLOCK_D"]))](
+        *args, SHARED=shared, HAS_MASK=has_mask, BLOCK_H=BLOCK_H)
     return out
 
 
@@ -486,25 +461,16 @@ def backward(dout, scores, values, out, block_size: int, key_padding_mask):
     if precomp:
         # every backward program of a long block would otherwise re-walk the block's scores
         stats = torch.empty((2, n_stats), dtype=torch.float32, device=scores.device)
-        bh_s = min(_p2(H), 16)
-        bt_s = min(_p2(n_t), 4 if _INTERPRET else 64)
-        _apool_stats_kernel[(B * nb, triton.cdiv(H, bh_s))](
-            scores, m, stats, n_stats, T, H, nb, block_size, *scores.stride(), m_sb, m_st,
-            HAS_MASK=has_mask, BLOCK_T=bt_s, BLOCK_H=bh_s,
-            T_ITERS=triton.cdiv(n_t, bt_s) if _INTERPRET else 0, num_warps=1 if _INTERPRET else 4)
+        bh_s = min(_p2(H), _STATS_BLOCK_H)
+        _launch.launch(_apool_stats_kernel, (B * nb, triton.cdiv(H, bh_s)),
+                       scores, m, stats, n_stats, T, H, nb, block_size, *scores.stride(), m_sb, m_st,
+                       HAS_MASK=has_mask, BLOCK_T=min(_p2(n_t), _STATS_BLOCK_T), BLOCK_H=bh_s,
+                       num_warps=_STATS_WARPS)
     else:
         stats = scores  # unused pointer
     args = (dout, scores, values, out, m, dscores, dvalues, T, H, D, nb, block_size,
             *dout.stride(), *scores.stride(), v_sb, v_st, v_sh, v_sd, *out.stride(),
             m_sb, m_st, *dscores.stride(), *dv_strides, stats, n_stats)
     kw = dict(SHARED=shared, HAS_MASK=has_mask, PRECOMP=precomp, BLOCK_H=BLOCK_H)
-    if _INTERPRET:
-        cfg = _interp_config(n_t, D, backward=True)
-        grid = (B * nb, triton.cdiv(n_t, cfg["BLOCK_T"]), triton.cdiv(H, BLOCK_H))
-        _bwd_launch[grid](*args, **kw, **cfg)
-    else:
-        def grid(meta):
-            return (B * nb, triton.cdiv(n_t, meta["BLOCK_T"]), triton.cdiv(H, BLOCK_H))
-
-        _bwd_launch[grid](*args, **kw)
+    bwd_kernel[lambda meta: (B * nb, triton.cdiv(n_t, meta["BLOCK_T"]), triton.cdiv(H, BLOCK_H))](*args, **kw)
     return dscores, dvalues

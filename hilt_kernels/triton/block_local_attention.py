@@ -16,9 +16,9 @@ The head dimension is padded to ``BLOCK_D = max(16, next_pow2(D))`` with masked 
 (any D <= 128); when D is already a power of two >= 16 (``EVEN_D``) the head-dim mask is dropped
 so loads vectorize and the key/query loops pipeline (cp.async). Scores are computed in the exp2
 domain (``scale * log2(e)`` folded into one factor); softmax statistics and all accumulators are
-fp32; 16-bit inputs feed the tensor cores. fp32 inputs use ``input_precision="tf32x3"`` on a GPU
-(about fp32 accuracy on tensor cores: plain "ieee" dots lower to FMA loops that spill heavily and
-take minutes to compile at these tile sizes) and "ieee" under the interpreter.
+fp32; 16-bit inputs feed the tensor cores. fp32 inputs use ``input_precision="tf32x3"`` (about fp32
+accuracy on tensor cores: plain "ieee" dots lower to FMA loops that spill heavily and take minutes to
+compile at these tile sizes; the interpreter computes every dot exactly in fp32).
 Since block membership is all that matters, a block size >= T is treated as b = T; any block size
 is supported (the large-block path loops over key tiles).
 
@@ -40,19 +40,20 @@ is supported (the large-block path loops over key tiles).
     computes delta = rowsum(dO * O) for its rows and stores it (fp32 scratch); then
     ``_bla_bwd_dkdv_large`` (program per key tile, loop over the block's query tiles from the
     diagonal on when causal) reads it. No atomics.
-* Path choice (``_SMALL_MAX_FWD`` / ``_SMALL_MAX_BWD``): on a GPU the forward uses the small path
-  for b <= 128 (fp32: 64) and the backward for b <= 64 (fp32: 32) (the backward holds ~3x the
-  forward's registers); bigger blocks use the large path. These limits and the config pruning
-  below come from ptxas register/spill reports for sm_90 at D = 64 and 128 (compiled here, not
-  run). Under ``TRITON_INTERPRET=1`` (CPU tests) both use the small path for b <= 32 with
-  BLOCK_M = max(16, next_pow2(b)), and the large path with 16 x 16 tiles above that.
-* Configs: on a GPU every kernel is ``triton.autotune``d (small path: BLOCK_M 32/64/128 x
-  num_warps 4/8; large path: (BLOCK_M, BLOCK_N) in 3 shapes x num_warps 4/8 x num_stages 2/3)
-  keyed on (b, D, causal) (+ dtypes, added by Triton); configs a case cannot use (BLOCK_M < b on
-  the small path) or that spill are pruned. Every config computes the same masks, so the choice
-  only changes speed. Under the interpreter one fixed config is used, and the large-path loops run
-  a constexpr trip count (``STATIC_ITERS``, see ``_interp_large``) because triton 3.6's interpreter
-  with numpy >= 2.4 cannot run loops with runtime bounds (triton-lang/triton#9171).
+* Path choice (``_SMALL_MAX_FWD`` / ``_SMALL_MAX_BWD``): the forward uses the small path for
+  b <= 128 (fp32: 64, or 32 with D > 64) and the backward for b <= 64 (fp32: 32, and only with D <= 64) (the backward
+  holds ~3x the forward's registers); bigger blocks use the large path, whose fp32 backward has its
+  own smaller tiles (every 16-bit backward tile spills in fp32). These limits and the config pruning below come from
+  ptxas register/spill reports for sm_90 (compiled here, not run: ``tests/ops/test_triton_compile.py``).
+  The same thresholds, tiles and runtime-bound loops run under ``TRITON_INTERPRET=1``.
+* Configs: module-level lists (small path: BLOCK_M 32/64/128 x num_warps 4/8; large path:
+  (BLOCK_M, BLOCK_N) in 3 shapes x num_warps 4/8 x num_stages 2/3), ``triton.autotune``d on a GPU
+  keyed on (b, D, causal) (+ dtypes, added by Triton) after pruning the configs a case cannot use
+  (BLOCK_M < b on the small path) and those that spill or overflow shared memory on sm_90. Every
+  config computes the same masks, so the choice only changes speed. Under the interpreter or with
+  ``HILT_TRITON_FIXED_CONFIG=1`` the first kept config runs (``_launch.py``); tests run every kept one.
+* Launches: under ``torch.cuda.device(q.device)``; the batch is grid axis 2 (limit 65,535), so larger
+  batches launch in chunks of 65,535; head-dim offsets are int64 (``offs_d * stride`` would wrap).
 
 Limits: fp16 / bf16 / fp32 only (fp64 -> reference backend), head dim D <= 128. Empty inputs
 (B, T or H = 0) return empty outputs without a launch. Deterministic (no atomics).
@@ -60,17 +61,15 @@ Limits: fp16 / bf16 / fp32 only (fp64 -> reference backend), head dim D <= 128. 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from hilt_kernels._alloc import empty
+from hilt_kernels.triton import _launch
+from hilt_kernels.triton._launch import Tuned
 
 __all__ = ["unsupported", "forward", "backward"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,12 +79,8 @@ _LOG2E = 1.4426950408889634
 # above it the large-block (FlashAttention-2 style) kernels run. The limits keep the register
 # footprint of a whole (BLOCK_M x BLOCK_M) score tile and its operands free of heavy spills on an
 # H100 (checked with ptxas for D = 64 and 128); fp32 operands take twice the registers.
-if _INTERPRET:
-    _SMALL_MAX_FWD = {2: 32, 4: 32}
-    _SMALL_MAX_BWD = {2: 32, 4: 32}
-else:
-    _SMALL_MAX_FWD = {2: 128, 4: 64}
-    _SMALL_MAX_BWD = {2: 64, 4: 32}
+_SMALL_MAX_FWD = {2: 128, 4: 64}
+_SMALL_MAX_BWD = {2: 64, 4: 32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,14 +122,15 @@ def _bla_fwd_small(
     tok_ok = (r < rows_per_tile) & (offs_t < T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    d64 = offs_d.to(tl.int64)
     ld_mask = _rows_mask(tok_ok, d_ok, EVEN_D)
     t64 = offs_t.to(tl.int64)
     b64 = pid_b.to(tl.int64)
     h64 = pid_h.to(tl.int64)
 
-    q = tl.load(Q + b64 * sqb + h64 * sqh + t64[:, None] * sqt + offs_d[None, :] * sqd, mask=ld_mask, other=0.0)
-    k = tl.load(K + b64 * skb + h64 * skh + t64[:, None] * skt + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
-    v = tl.load(V + b64 * svb + h64 * svh + t64[:, None] * svt + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + t64[:, None] * sqt + d64[None, :] * sqd, mask=ld_mask, other=0.0)
+    k = tl.load(K + b64 * skb + h64 * skh + t64[:, None] * skt + d64[None, :] * skd, mask=ld_mask, other=0.0)
+    v = tl.load(V + b64 * svb + h64 * svh + t64[:, None] * svt + d64[None, :] * svd, mask=ld_mask, other=0.0)
 
     key_ok = tok_ok
     if HAS_KPM:
@@ -156,7 +152,7 @@ def _bla_fwd_small(
     out = acc * inv_l[:, None]
     lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, l, 1.0))) * 0.6931471805599453, float("inf"))
 
-    tl.store(O + b64 * sob + h64 * soh + t64[:, None] * sot + offs_d[None, :] * sod,
+    tl.store(O + b64 * sob + h64 * soh + t64[:, None] * sot + d64[None, :] * sod,
              out.to(O.dtype.element_ty), mask=ld_mask)
     tl.store(LSE + (b64 * H + h64) * T + t64, lse, mask=tok_ok)
 
@@ -170,9 +166,10 @@ def _fwd_kv_tile(q, m_i, l_i, acc, K_base, V_base, M_base, k_start, kv_end,
     offs_n = k_start + tl.arange(0, BLOCK_N)
     col_ok = offs_n < kv_end
     n64 = offs_n.to(tl.int64)
+    d64 = offs_d.to(tl.int64)
     kv_mask = _rows_mask(col_ok, d_ok, EVEN_D)
-    k = tl.load(K_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k = tl.load(K_base + n64[:, None] * skt + d64[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V_base + n64[:, None] * svt + d64[None, :] * svd, mask=kv_mask, other=0.0)
     key_ok = col_ok
     if HAS_KPM:
         pad = tl.load(M_base + n64 * smt, mask=col_ok, other=1)
@@ -201,7 +198,6 @@ def _bla_fwd_large(
     T, H, D, bs, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    STATIC_ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -217,11 +213,12 @@ def _bla_fwd_large(
     row_ok = offs_m < blk_end
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    d64 = offs_d.to(tl.int64)
     m64 = offs_m.to(tl.int64)
     b64 = pid_b.to(tl.int64)
     h64 = pid_h.to(tl.int64)
     q_mask = _rows_mask(row_ok, d_ok, EVEN_D)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + m64[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + m64[:, None] * sqt + d64[None, :] * sqd, mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -233,25 +230,17 @@ def _bla_fwd_large(
     K_base = K + b64 * skb + h64 * skh
     V_base = V + b64 * svb + h64 * svh
     M_base = KPM + b64 * smb
-    if STATIC_ITERS > 0:
-        # interpreter: constexpr trip count (tiles past kv_end are fully masked no-ops)
-        for it in range(STATIC_ITERS):
-            m_i, l_i, acc = _fwd_kv_tile(
-                q, m_i, l_i, acc, K_base, V_base, M_base, blk_start + it * BLOCK_N, kv_end,
-                offs_m, row_ok, offs_d, d_ok, skt, skd, svt, svd, smt, qk_scale,
-                CAUSAL, HAS_KPM, DOT_PREC, BLOCK_N, EVEN_D)
-    else:
-        for k_start in range(blk_start, kv_end, BLOCK_N):
-            m_i, l_i, acc = _fwd_kv_tile(
-                q, m_i, l_i, acc, K_base, V_base, M_base, k_start, kv_end,
-                offs_m, row_ok, offs_d, d_ok, skt, skd, svt, svd, smt, qk_scale,
-                CAUSAL, HAS_KPM, DOT_PREC, BLOCK_N, EVEN_D)
+    for k_start in range(blk_start, kv_end, BLOCK_N):
+        m_i, l_i, acc = _fwd_kv_tile(
+            q, m_i, l_i, acc, K_base, V_base, M_base, k_start, kv_end,
+            offs_m, row_ok, offs_d, d_ok, skt, skd, svt, svd, smt, qk_scale,
+            CAUSAL, HAS_KPM, DOT_PREC, BLOCK_N, EVEN_D)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     out = acc * inv_l[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-    tl.store(O + b64 * sob + h64 * soh + m64[:, None] * sot + offs_d[None, :] * sod,
+    tl.store(O + b64 * sob + h64 * soh + m64[:, None] * sot + d64[None, :] * sod,
              out.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + (b64 * H + h64) * T + m64, lse, mask=row_ok)
 
@@ -282,11 +271,12 @@ def _bla_bwd_small(
     tok_ok = (r < rows_per_tile) & (offs_t < T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    d64 = offs_d.to(tl.int64)
     ld_mask = _rows_mask(tok_ok, d_ok, EVEN_D)
     t64 = offs_t.to(tl.int64)
     b64 = pid_b.to(tl.int64)
     h64 = pid_h.to(tl.int64)
-    od = offs_d[None, :]
+    od = d64[None, :]
 
     q = tl.load(Q + b64 * sqb + h64 * sqh + t64[:, None] * sqt + od * sqd, mask=ld_mask, other=0.0)
     k = tl.load(K + b64 * skb + h64 * skh + t64[:, None] * skt + od * skd, mask=ld_mask, other=0.0)
@@ -329,9 +319,10 @@ def _dq_kv_tile(dq, q, do, lse2, delta, K_base, V_base, M_base, k_start, kv_end,
     offs_n = k_start + tl.arange(0, BLOCK_N)
     col_ok = offs_n < kv_end
     n64 = offs_n.to(tl.int64)
+    d64 = offs_d.to(tl.int64)
     kv_mask = _rows_mask(col_ok, d_ok, EVEN_D)
-    k = tl.load(K_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k = tl.load(K_base + n64[:, None] * skt + d64[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V_base + n64[:, None] * svt + d64[None, :] * svd, mask=kv_mask, other=0.0)
     key_ok = col_ok
     if HAS_KPM:
         pad = tl.load(M_base + n64 * smt, mask=col_ok, other=1)
@@ -360,7 +351,6 @@ def _bla_bwd_dq_large(
     T, H, D, bs, qk_scale, scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    STATIC_ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -376,7 +366,8 @@ def _bla_bwd_dq_large(
     row_ok = offs_m < blk_end
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    od = offs_d[None, :]
+    d64 = offs_d.to(tl.int64)
+    od = d64[None, :]
     m64 = offs_m.to(tl.int64)
     b64 = pid_b.to(tl.int64)
     h64 = pid_h.to(tl.int64)
@@ -398,18 +389,11 @@ def _bla_bwd_dq_large(
     K_base = K + b64 * skb + h64 * skh
     V_base = V + b64 * svb + h64 * svh
     M_base = KPM + b64 * smb
-    if STATIC_ITERS > 0:
-        for it in range(STATIC_ITERS):
-            dq = _dq_kv_tile(
-                dq, q, do, lse2, delta, K_base, V_base, M_base, blk_start + it * BLOCK_N, kv_end,
-                offs_m, row_ok, offs_d, d_ok, skt, skd, svt, svd, smt, qk_scale,
-                CAUSAL, HAS_KPM, DOT_PREC, BLOCK_N, EVEN_D)
-    else:
-        for k_start in range(blk_start, kv_end, BLOCK_N):
-            dq = _dq_kv_tile(
-                dq, q, do, lse2, delta, K_base, V_base, M_base, k_start, kv_end,
-                offs_m, row_ok, offs_d, d_ok, skt, skd, svt, svd, smt, qk_scale,
-                CAUSAL, HAS_KPM, DOT_PREC, BLOCK_N, EVEN_D)
+    for k_start in range(blk_start, kv_end, BLOCK_N):
+        dq = _dq_kv_tile(
+            dq, q, do, lse2, delta, K_base, V_base, M_base, k_start, kv_end,
+            offs_m, row_ok, offs_d, d_ok, skt, skd, svt, svd, smt, qk_scale,
+            CAUSAL, HAS_KPM, DOT_PREC, BLOCK_N, EVEN_D)
 
     dq = dq * scale
     tl.store(DQ + b64 * sgb + h64 * sgh + m64[:, None] * sgt + od * sgd,
@@ -424,9 +408,10 @@ def _dkdv_q_tile(dk, dv, k, v, key_ok, Q_base, DO_base, LSE_row, DELTA_row, q_st
     offs_m = q_start + tl.arange(0, BLOCK_M)
     row_ok = offs_m < blk_end
     m64 = offs_m.to(tl.int64)
+    d64 = offs_d.to(tl.int64)
     q_mask = _rows_mask(row_ok, d_ok, EVEN_D)
-    q = tl.load(Q_base + m64[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(DO_base + m64[:, None] * sdot + offs_d[None, :] * sdod, mask=q_mask, other=0.0)
+    q = tl.load(Q_base + m64[:, None] * sqt + d64[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO_base + m64[:, None] * sdot + d64[None, :] * sdod, mask=q_mask, other=0.0)
     lse = tl.load(LSE_row + m64, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_row + m64, mask=row_ok, other=0.0)
     valid = key_ok[:, None] & row_ok[None, :]
@@ -454,7 +439,6 @@ def _bla_bwd_dkdv_large(
     T, H, D, bs, qk_scale, scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    STATIC_ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -470,7 +454,8 @@ def _bla_bwd_dkdv_large(
     col_ok = offs_n < blk_end
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    od = offs_d[None, :]
+    d64 = offs_d.to(tl.int64)
+    od = d64[None, :]
     n64 = offs_n.to(tl.int64)
     b64 = pid_b.to(tl.int64)
     h64 = pid_h.to(tl.int64)
@@ -491,18 +476,11 @@ def _bla_bwd_dkdv_large(
     Q_base = Q + b64 * sqb + h64 * sqh
     DO_base = DO + b64 * sdob + h64 * sdoh
     row_base = (b64 * H + h64) * T
-    if STATIC_ITERS > 0:
-        for it in range(STATIC_ITERS):
-            dk, dv = _dkdv_q_tile(
-                dk, dv, k, v, key_ok, Q_base, DO_base, LSE + row_base, DELTA + row_base,
-                q_lo + it * BLOCK_M, blk_end, offs_n, offs_d, d_ok, sqt, sqd, sdot, sdod, qk_scale,
-                CAUSAL, DOT_PREC, BLOCK_M, EVEN_D)
-    else:
-        for q_start in range(q_lo, blk_end, BLOCK_M):
-            dk, dv = _dkdv_q_tile(
-                dk, dv, k, v, key_ok, Q_base, DO_base, LSE + row_base, DELTA + row_base,
-                q_start, blk_end, offs_n, offs_d, d_ok, sqt, sqd, sdot, sdod, qk_scale,
-                CAUSAL, DOT_PREC, BLOCK_M, EVEN_D)
+    for q_start in range(q_lo, blk_end, BLOCK_M):
+        dk, dv = _dkdv_q_tile(
+            dk, dv, k, v, key_ok, Q_base, DO_base, LSE + row_base, DELTA + row_base,
+            q_start, blk_end, offs_n, offs_d, d_ok, sqt, sqd, sdot, sdod, qk_scale,
+            CAUSAL, DOT_PREC, BLOCK_M, EVEN_D)
 
     dk = dk * scale
     g_off = b64 * sgb + h64 * sgh + n64[:, None] * sgt + od * sgd
@@ -511,89 +489,119 @@ def _bla_bwd_dkdv_large(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs: autotuned on a GPU, one fixed config under the interpreter
+# Configs: module-level lists, pruned per launch (on the CPU) and autotuned on a GPU; under the
+# interpreter or HILT_TRITON_FIXED_CONFIG=1 the first kept config runs (see _launch.py).
 # ----------------------------------------------------------------------------------------------
 
 _KEY = ["bs", "D", "CAUSAL"]
 
+# No loop in the small-block kernels: num_stages is irrelevant there. A 128-row tile needs 8 warps
+# (4 warps spill); the backward stops at 64 rows (128 spills with any warp count).
+FWD_SMALL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+                     for (bm, w) in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8))]
+BWD_SMALL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+                     for (bm, w) in ((32, 4), (32, 8), (64, 4), (64, 8))]
+FWD_LARGE_CONFIGS = (
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for (bm, bn) in ((64, 64), (128, 64), (128, 32)) for w in (4, 8) for st in (2, 3)]
+    + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)  # fp32 with D > 64 only
+       for (bm, bn) in ((32, 32), (32, 16), (16, 32)) for w in (4, 8)])
+# The backward lists hold the 16-bit tiles, then smaller tiles used for fp32 only (fp32 operands take
+# twice the registers and shared memory: every 16-bit backward tile spills in fp32).
+_BWD_DQ_TILES_16 = ((64, 64), (128, 32), (64, 32))
+_BWD_DKDV_TILES_16 = ((64, 64), (32, 128), (32, 64))
+_BWD_TILES_32 = ((32, 32), (16, 64), (64, 16), (32, 16), (16, 16))
+BWD_DQ_LARGE_CONFIGS = (
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for (bm, bn) in _BWD_DQ_TILES_16 for w in (4, 8) for st in (2, 3)]
+    + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+       for (bm, bn) in _BWD_TILES_32 for w in (4, 8)])
+BWD_DKDV_LARGE_CONFIGS = (
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for (bm, bn) in _BWD_DKDV_TILES_16 for w in (4, 8) for st in (2, 3)]
+    + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+       for (bm, bn) in _BWD_TILES_32 for w in (4, 8)])
 
-def _prune_small_fwd(configs, named_args, **kwargs):
+# fp32 configs free of spills on sm_90 (ptxas, tests/ops/test_triton_compile.py), as
+# (BLOCK_M, BLOCK_N, num_warps) for a head dim padded to <= 64 and to 128; num_stages 2 only.
+# Measured with and without a padding mask, at D = 32, 64, 80 and 128 (D = 80: masked head dim, the worst case).
+_FP32_OK = {
+    "_bla_fwd_large": ({(64, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8)},
+                       {(32, 32, 8), (32, 16, 8), (16, 32, 4), (16, 32, 8)}),
+    "_bla_bwd_dq_large": ({(bm, bn, w) for (bm, bn) in ((32, 32), (16, 64), (64, 16)) for w in (4, 8)},
+                          {(16, 64, 8)}),
+    "_bla_bwd_dkdv_large": ({(bm, bn, w) for (bm, bn) in ((16, 64), (64, 16)) for w in (4, 8)},  # (32, 32) spills at D = 32
+                            {(32, 16, 8), (16, 16, 4), (16, 16, 8)}),
+}
+
+
+def _fp32(named_args) -> bool:
+    return named_args["Q"].element_size() == 4
+
+
+def _small_bwd_ok(fp32: bool, D: int) -> bool:
+    """Whether the small-path backward has a spill-free config (fp32 with D > 64 has none)."""
+    return not (fp32 and D > 64)
+
+
+def _small_fwd_max(elem_size: int, D: int) -> int:
+    """Largest b on the small-path forward: fp32 with D > 64 spills from 64 rows on."""
+    return 32 if (elem_size == 4 and D > 64) else _SMALL_MAX_FWD[elem_size]
+
+
+def prune_small_fwd(configs, named_args, **kwargs):
+    """Small-path forward: tiles that hold at least one whole block (BLOCK_M >= b), minus the fp32
+    tiles that spill (128 rows; 64 rows with a head dim > 64)."""
     bs = named_args["bs"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs]
+    cap = (32 if named_args["D"] > 64 else 64) if _fp32(named_args) else 128
+    kept = [c for c in configs if bs <= c.kwargs["BLOCK_M"] <= cap]
     return kept or [max(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
-def _prune_small_bwd(configs, named_args, **kwargs):
+def prune_small_bwd(configs, named_args, **kwargs):
+    """Small-path backward: BLOCK_M >= b, minus the tiles that spill (ptxas, sm_90)."""
     bs = named_args["bs"]
     D = named_args["D"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= bs]
-    # 64 rows with a 128-wide head dim spill with 4 warps.
-    lean = [c for c in kept if not (c.kwargs["BLOCK_M"] >= 64 and D > 64 and c.num_warps < 8)]
+    if _fp32(named_args):  # 64 fp32 rows spill with any warp count, 32 with 4 warps and a mask
+        lean = [c for c in kept if c.kwargs["BLOCK_M"] <= 32 and c.num_warps == 8]
+    else:  # 64 rows with a 128-wide head dim spill with 4 warps; 32 rows, 8 warps and a mask spill too
+        has_kpm = kwargs.get("HAS_KPM", False)
+        lean = [c for c in kept if not (c.kwargs["BLOCK_M"] >= 64 and D > 64 and c.num_warps < 8)
+                and not (has_kpm and c.kwargs["BLOCK_M"] == 32 and c.num_warps == 8)]
     return lean or kept or [max(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
-def _prune_large(configs, named_args, **kwargs):
-    # With a 128-wide head dim, tiles of >= 4096 score entries spill with 4 warps (ptxas, sm_90).
-    # fp32 operands double the registers and shared memory: keep their tiles and pipelines small.
-    D = named_args["D"]
-    fp32 = named_args["Q"].element_size() == 4
-    kept = []
-    for c in configs:
-        tile = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
-        if D > 64 and c.num_warps < 8 and tile >= 4096:
-            continue
-        if fp32 and (c.num_stages > 2 or (D > 64 and tile > 4096)):
-            continue
-        kept.append(c)
-    return kept or configs
+def _make_prune_large(name, tiles_16):
+    def prune(configs, named_args, **kwargs):
+        """Large path: drop the configs that spill or overflow shared memory (ptxas, sm_90)."""
+        D = named_args["D"]
+        if _fp32(named_args):
+            ok = _FP32_OK[name][0 if D <= 64 else 1]
+            kept = [c for c in configs if c.num_stages == 2
+                    and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in ok]
+        else:
+            # With a 128-wide head dim, tiles of >= 4096 score entries spill with 4 warps; so do the
+            # dk/dv kernel's with a padding mask.
+            wide = D > 64 or (name == "_bla_bwd_dkdv_large" and kwargs.get("HAS_KPM", False))
+            kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in tiles_16
+                    and not (wide and c.num_warps < 8 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 4096)]
+        return kept or configs[:1]
+
+    return prune
 
 
-if _INTERPRET:
-    _fwd_small = _bla_fwd_small
-    _fwd_large = _bla_fwd_large
-    _bwd_small = _bla_bwd_small
-    _bwd_dq_large = _bla_bwd_dq_large
-    _bwd_dkdv_large = _bla_bwd_dkdv_large
-else:
-    # No loop in the small-block kernels: num_stages is irrelevant there. A 128-row tile needs 8 warps
-    # (4 warps spill); the backward stops at 64 rows (128 spills with any warp count).
-    _fwd_small = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-                 for (bm, w) in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8))],
-        key=_KEY, prune_configs_by={"early_config_prune": _prune_small_fwd})(_bla_fwd_small)
-    _bwd_small = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-                 for (bm, w) in ((32, 4), (32, 8), (64, 4), (64, 8))],
-        key=_KEY, prune_configs_by={"early_config_prune": _prune_small_bwd})(_bla_bwd_small)
-    _fwd_large = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for (bm, bn) in ((64, 64), (128, 64), (128, 32)) for w in (4, 8) for st in (2, 3)],
-        key=_KEY, prune_configs_by={"early_config_prune": _prune_large})(_bla_fwd_large)
-    _bwd_dq_large = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for (bm, bn) in ((64, 64), (128, 32), (64, 32)) for w in (4, 8) for st in (2, 3)],
-        key=_KEY, prune_configs_by={"early_config_prune": _prune_large})(_bla_bwd_dq_large)
-    _bwd_dkdv_large = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for (bm, bn) in ((64, 64), (32, 128), (32, 64)) for w in (4, 8) for st in (2, 3)],
-        key=_KEY, prune_configs_by={"early_config_prune": _prune_large})(_bla_bwd_dkdv_large)
+prune_fwd_large = _make_prune_large("_bla_fwd_large", ((64, 64), (128, 64), (128, 32)))
+prune_bwd_dq_large = _make_prune_large("_bla_bwd_dq_large", _BWD_DQ_TILES_16)
+prune_bwd_dkdv_large = _make_prune_large("_bla_bwd_dkdv_large", _BWD_DKDV_TILES_16)
 
 
-def _interp_small_block_m(bs: int) -> int:
-    return max(16, triton.next_power_of_2(bs))
-
-
-_INTERP_TILE = 16
-
-
-def _interp_large(bs: int) -> dict:
-    # The interpreter (triton 3.6 with numpy >= 2.4) cannot run loops whose bounds are runtime
-    # values (triton-lang/triton#9171: int() of a 1-element array), so under TRITON_INTERPRET=1
-    # the large-block kernels loop a constexpr number of tiles (all tiles of a block; the ones
-    # past the causal diagonal or the block end are fully masked no-ops). GPUs use the runtime
-    # bounds (STATIC_ITERS=0), which skip those tiles.
-    return {"BLOCK_M": _INTERP_TILE, "BLOCK_N": _INTERP_TILE,
-            "STATIC_ITERS": triton.cdiv(bs, _INTERP_TILE), "num_warps": 4}
+fwd_small = Tuned(_bla_fwd_small, FWD_SMALL_CONFIGS, _KEY, prune_small_fwd)
+bwd_small = Tuned(_bla_bwd_small, BWD_SMALL_CONFIGS, _KEY, prune_small_bwd)
+fwd_large = Tuned(_bla_fwd_large, FWD_LARGE_CONFIGS, _KEY, prune_fwd_large)
+bwd_dq_large = Tuned(_bla_bwd_dq_large, BWD_DQ_LARGE_CONFIGS, _KEY, prune_bwd_dq_large)
+bwd_dkdv_large = Tuned(_bla_bwd_dkdv_large, BWD_DKDV_LARGE_CONFIGS, _KEY, prune_bwd_dkdv_large)
+KERNELS = (fwd_small, bwd_small, fwd_large, bwd_dq_large, bwd_dkdv_large)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,27 +616,28 @@ def unsupported(q, k, v, block_size, causal, scale, key_padding_mask) -> list[st
         reasons.append(f"dtype {q.dtype} not supported (float16, bfloat16, float32 only)")
     if q.dim() == 4 and q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim D={q.shape[-1]} > {_MAX_HEAD_DIM}")
+    if q.dim() == 4 and q.shape[2] > _launch.GRID_YZ_MAX:
+        reasons.append(f"H={q.shape[2]} heads > {_launch.GRID_YZ_MAX} (grid axis 1)")
     return reasons
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs: "ieee" under the interpreter (exact fp32 products, matches the reference tightly);
-    # on a GPU "tf32x3" (3 tensor-core TF32 products, about fp32 accuracy): plain "ieee" dots lower
+    # fp32 inputs: "tf32x3" (3 tensor-core TF32 products, about fp32 accuracy): plain "ieee" dots lower
     # to FMA loops that spill thousands of bytes and take minutes to compile for these tile sizes.
-    # 16-bit inputs ignore the setting (tensor cores, fp32 accumulation).
-    if dtype == torch.float32:
-        return "ieee" if _INTERPRET else "tf32x3"
-    return "tf32"
+    # 16-bit inputs ignore the setting (tensor cores, fp32 accumulation). The interpreter computes
+    # every dot exactly in fp32.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _strides4(t: torch.Tensor):
     return tuple(t.stride())
 
 
-def _kpm_args(key_padding_mask, device):
+def _kpm_args(key_padding_mask, q):
+    """(mask tensor, its (B, T) strides, has_mask). Without a mask q stands in for the pointer
+    (never read: HAS_KPM=False), so nothing is allocated."""
     if key_padding_mask is None:
-        dummy = torch.zeros(1, dtype=torch.uint8, device=device)
-        return dummy, (0, 0), False
+        return q, (0, 0), False
     m = key_padding_mask
     if m.dtype == torch.bool:
         m = m.view(torch.uint8)
@@ -641,42 +650,41 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(max(D, 1)))
 
 
+def _batch_chunks(B: int):
+    """Batch ranges of at most GRID_YZ_MAX (the batch is grid axis 2, limited to 65,535)."""
+    step = _launch.GRID_YZ_MAX
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
 def forward(q, k, v, block_size: int, causal: bool, scale: float, key_padding_mask):
+    """out (B, T, H, D) in q.dtype and lse (B, H, T) fp32 for q, k, v (B, T, H, D)."""
     B, T, H, D = q.shape
     out = empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T), dtype=torch.float32, device=q.device)
     if B == 0 or T == 0 or H == 0:
         return out, lse
     bs = int(min(int(block_size), T))
-    kpm, (smb, smt), has_kpm = _kpm_args(key_padding_mask, q.device)
     BLOCK_D = _block_d(D)
-    qk_scale = float(scale) * _LOG2E
-    args = (q, k, v, out, lse, kpm,
-            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out),
-            smb, smt, T, H, D, bs, qk_scale)
-    meta = dict(CAUSAL=bool(causal), HAS_KPM=has_kpm, DOT_PREC=_dot_prec(q.dtype), BLOCK_D=BLOCK_D,
-                EVEN_D=(BLOCK_D == D))
-
-    if bs <= _SMALL_MAX_FWD[q.element_size()]:
-        def grid(META):
-            return (triton.cdiv(T, (META["BLOCK_M"] // bs) * bs), H, B)
-        if _INTERPRET:
-            _fwd_small[grid](*args, **meta, BLOCK_M=_interp_small_block_m(bs), num_warps=4)
+    meta = dict(CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, DOT_PREC=_dot_prec(q.dtype),
+                BLOCK_D=BLOCK_D, EVEN_D=(BLOCK_D == D))
+    small = bs <= _small_fwd_max(q.element_size(), D)
+    nb = triton.cdiv(T, bs)
+    for b0, b1 in _batch_chunks(B):
+        qc, kc, vc, oc, lc = q[b0:b1], k[b0:b1], v[b0:b1], out[b0:b1], lse[b0:b1]
+        kpm, (smb, smt), _ = _kpm_args(None if key_padding_mask is None else key_padding_mask[b0:b1], qc)
+        args = (qc, kc, vc, oc, lc, kpm,
+                *_strides4(qc), *_strides4(kc), *_strides4(vc), *_strides4(oc),
+                smb, smt, T, H, D, bs, float(scale) * _LOG2E)
+        Bc = b1 - b0
+        if small:
+            fwd_small[lambda META: (triton.cdiv(T, (META["BLOCK_M"] // bs) * bs), H, Bc)](*args, **meta)
         else:
-            _fwd_small[grid](*args, **meta)
-    else:
-        nb = triton.cdiv(T, bs)
-
-        def grid(META):
-            return (nb * triton.cdiv(bs, META["BLOCK_M"]), H, B)
-        if _INTERPRET:
-            _fwd_large[grid](*args, **meta, **_interp_large(bs))
-        else:
-            _fwd_large[grid](*args, **meta, STATIC_ITERS=0)
+            fwd_large[lambda META: (nb * triton.cdiv(bs, META["BLOCK_M"]), H, Bc)](*args, **meta)
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, block_size: int, causal: bool, scale: float, key_padding_mask):
+    """dq, dk, dv (B, T, H, D) in q.dtype."""
     B, T, H, D = q.shape
     dq = empty((B, T, H, D), dtype=q.dtype, device=q.device)
     dk = empty((B, T, H, D), dtype=q.dtype, device=q.device)
@@ -690,45 +698,31 @@ def backward(dout, q, k, v, out, lse, block_size: int, causal: bool, scale: floa
     if out.dtype != q.dtype:
         out = out.to(q.dtype)
     bs = int(min(int(block_size), T))
-    kpm, (smb, smt), has_kpm = _kpm_args(key_padding_mask, q.device)
     BLOCK_D = _block_d(D)
     qk_scale = float(scale) * _LOG2E
-    meta = dict(CAUSAL=bool(causal), HAS_KPM=has_kpm, DOT_PREC=_dot_prec(q.dtype), BLOCK_D=BLOCK_D,
-                EVEN_D=(BLOCK_D == D))
-    sq, sk, sv, so, sdo, sg = (_strides4(q), _strides4(k), _strides4(v), _strides4(out),
-                               _strides4(dout), _strides4(dq))
-
-    if bs <= _SMALL_MAX_BWD[q.element_size()]:
-        args = (q, k, v, out, dout, lse, dq, dk, dv, kpm,
-                *sq, *sk, *sv, *so, *sdo, *sg, smb, smt, T, H, D, bs, qk_scale, float(scale))
-
-        def grid(META):
-            return (triton.cdiv(T, (META["BLOCK_M"] // bs) * bs), H, B)
-        if _INTERPRET:
-            _bwd_small[grid](*args, **meta, BLOCK_M=_interp_small_block_m(bs), num_warps=4)
-        else:
-            _bwd_small[grid](*args, **meta)
-        return dq, dk, dv
-
+    meta = dict(CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, DOT_PREC=_dot_prec(q.dtype),
+                BLOCK_D=BLOCK_D, EVEN_D=(BLOCK_D == D))
+    small = bs <= _SMALL_MAX_BWD[q.element_size()] and _small_bwd_ok(q.element_size() == 4, D)
     nb = triton.cdiv(T, bs)
-    # delta = rowsum(dout * out), fp32 scratch written by the dq kernel for every row < T.
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    dq_args = (q, k, v, out, dout, lse, delta, dq, kpm,
-               *sq, *sk, *sv, *so, *sdo, *sg, smb, smt, T, H, D, bs, qk_scale, float(scale))
-
-    def grid_q(META):
-        return (nb * triton.cdiv(bs, META["BLOCK_M"]), H, B)
-
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm,
-                 *sq, *sk, *sv, *sdo, *sg, smb, smt, T, H, D, bs, qk_scale, float(scale))
-
-    def grid_k(META):
-        return (nb * triton.cdiv(bs, META["BLOCK_N"]), H, B)
-
-    if _INTERPRET:
-        _bwd_dq_large[grid_q](*dq_args, **meta, **_interp_large(bs))
-        _bwd_dkdv_large[grid_k](*dkdv_args, **meta, **_interp_large(bs))
-    else:
-        _bwd_dq_large[grid_q](*dq_args, **meta, STATIC_ITERS=0)
-        _bwd_dkdv_large[grid_k](*dkdv_args, **meta, STATIC_ITERS=0)
+    # delta = rowsum(dout * out), fp32 scratch written by the large-path dq kernel for every row < T.
+    delta = None if small else torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    for b0, b1 in _batch_chunks(B):
+        Bc = b1 - b0
+        qc, kc, vc, oc, doc, lc = q[b0:b1], k[b0:b1], v[b0:b1], out[b0:b1], dout[b0:b1], lse[b0:b1]
+        dqc, dkc, dvc = dq[b0:b1], dk[b0:b1], dv[b0:b1]
+        kpm, (smb, smt), _ = _kpm_args(None if key_padding_mask is None else key_padding_mask[b0:b1], qc)
+        sq, sk, sv, so, sdo, sg = (_strides4(qc), _strides4(kc), _strides4(vc), _strides4(oc),
+                                   _strides4(doc), _strides4(dqc))
+        if small:
+            args = (qc, kc, vc, oc, doc, lc, dqc, dkc, dvc, kpm,
+                    *sq, *sk, *sv, *so, *sdo, *sg, smb, smt, T, H, D, bs, qk_scale, float(scale))
+            bwd_small[lambda META: (triton.cdiv(T, (META["BLOCK_M"] // bs) * bs), H, Bc)](*args, **meta)
+            continue
+        dc = delta[b0:b1]
+        dq_args = (qc, kc, vc, oc, doc, lc, dc, dqc, kpm,
+                   *sq, *sk, *sv, *so, *sdo, *sg, smb, smt, T, H, D, bs, qk_scale, float(scale))
+        bwd_dq_large[lambda META: (nb * triton.cdiv(bs, META["BLOCK_M"]), H, Bc)](*dq_args, **meta)
+        dkdv_args = (qc, kc, vc, doc, lc, dc, dkc, dvc, kpm,
+                     *sq, *sk, *sv, *sdo, *sg, smb, smt, T, H, D, bs, qk_scale, float(scale))
+        bwd_dkdv_large[lambda META: (nb * triton.cdiv(bs, META["BLOCK_N"]), H, Bc)](*dkdv_args, **meta)
     return dq, dk, dv

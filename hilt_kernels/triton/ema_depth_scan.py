@@ -35,8 +35,10 @@ Layouts
 Tuning
 ------
 On GPU ``triton.autotune`` picks BLOCK (512..4096 elements) and num_warps per (L, N bucket, C tile,
-mode, dtypes). Under ``TRITON_INTERPRET=1`` one small fixed config is used (no autotuning). The
-dalpha partial buffer is sized for the smallest BLOCK and sliced to the launched program count.
+mode, dtypes) among ``CONFIGS`` kept by ``prune_configs``; under ``TRITON_INTERPRET=1`` or
+``HILT_TRITON_FIXED_CONFIG=1`` the first kept config runs (``_launch.py``). The dalpha partial
+buffer is sized for the smallest BLOCK and sliced to the program count of the grid actually
+launched (never to the autotuner's shared ``best_config``, which another thread may have changed).
 
 Limits
 ------
@@ -46,34 +48,28 @@ fp16 / bf16 / fp32 values and alpha (no fp64: the state is fp32). CUDA tensors, 
 the backward costs an extra fp32 ``(L-1) * N`` scratch write + read. The loads of step l+1 are
 issued by hand before step l's math (Triton does not pipeline these loops). In FLAT mode the one-time
 init load goes through ``n // C`` / ``n % C`` (not vectorized; 1/L of the traffic). ``L`` is a
-runtime argument on GPU (``do_not_specialize``, no recompiles per L); under the interpreter it is
-also passed as the constexpr ``L_LOOP`` because the interpreter (numpy 2.x) cannot ``range()`` over
-a runtime int argument.
+runtime argument (``do_not_specialize``, no recompiles per L), and the depth loops run to it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from hilt_kernels._alloc import empty
+from hilt_kernels.triton._launch import Tuned
 
 __all__ = ["unsupported", "forward", "backward"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Fixed config under the interpreter (module-level so tests may change them).
-_INTERP_BLOCK = 16
-_INTERP_BLOCK_C_MAX = 4
-# GPU: autotuned BLOCK values (tile elements) and the cap on the channel tile of the 2-D mode.
-_GPU_BLOCKS = (512, 1024, 2048, 4096)
-_GPU_WARPS = (4, 8)
-_GPU_BLOCK_C_MAX = 128
+# Autotuned BLOCK values (tile elements) and warps, and the cap on the channel tile of the 2-D mode.
+_BLOCKS = (512, 1024, 2048, 4096)
+_WARPS = (4, 8)
+_BLOCK_C_MAX = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +85,14 @@ def _sigmoid_pair(x):
     return tl.where(pos, d, p), tl.where(pos, p, d)
 
 
+@triton.jit
+def _both(mask, cond):
+    """``mask & cond`` for a block mask and a scalar condition. Written as a select because triton
+    3.9's interpreter turns ``block_int1 & scalar_int1`` into int32 data that ``tl.load`` rejects
+    ("mask has unsupported dtype"); on a GPU both lower to the same predicate."""
+    return tl.where(cond, mask, False)
+
+
 @triton.jit(do_not_specialize=["L"])
 def _ema_fwd_kernel(
     V, A, I, O,
@@ -97,7 +101,6 @@ def _ema_fwd_kernel(
     a_sl, a_sc,
     i_sr, i_sc,
     N_KEY,  # autotune key only (power-of-two bucket of N)
-    L_LOOP: tl.constexpr,  # == L under the interpreter (python loop bound), 0 on GPU
     FLAT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_INIT: tl.constexpr,
     STORE_ALL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -135,19 +138,19 @@ def _ema_fwd_kernel(
     else:
         x = tl.load(a_ptrs)
     v = tl.load(v_ptrs, mask=mask, other=0.0)
-    for i in range(L_LOOP if L_LOOP > 0 else L):
+    for i in range(L):
         has_next = i < L - 1
         v_ptrs += v_sl
         a_ptrs += a_sl
         if PER_CHANNEL:
-            x_next = tl.load(a_ptrs, mask=cmask & has_next, other=0.0)
+            x_next = tl.load(a_ptrs, mask=_both(cmask, has_next), other=0.0)
         else:
             x_next = tl.load(a_ptrs, mask=has_next, other=0.0)
-        v_next = tl.load(v_ptrs, mask=mask & has_next, other=0.0)
+        v_next = tl.load(v_ptrs, mask=_both(mask, has_next), other=0.0)
         alpha, oma = _sigmoid_pair(x.to(tl.float32))
         state = oma * state + alpha * v.to(tl.float32)
         if STORE_ALL:
-            tl.store(o_ptrs, state.to(O.dtype.element_ty), mask=mask & (i < n_store))
+            tl.store(o_ptrs, state.to(O.dtype.element_ty), mask=_both(mask, i < n_store))
             o_ptrs += N
         x = x_next
         v = v_next
@@ -165,7 +168,6 @@ def _ema_bwd_kernel(
     i_sr, i_sc,
     p_sl, p_sr, p_sc,
     N_KEY,
-    L_LOOP: tl.constexpr,
     FLAT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_INIT: tl.constexpr,
     GRAD_ALL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -221,24 +223,24 @@ def _ema_bwd_kernel(
     else:
         x = tl.load(a_ptrs)
     v = tl.load(v_ptrs, mask=mask, other=0.0)
-    p = tl.load(p_ptrs, mask=mask & (L > 1), other=0.0)
+    p = tl.load(p_ptrs, mask=_both(mask, L > 1), other=0.0)
     if GRAD_ALL:
         g = tl.load(g_ptrs, mask=mask, other=0.0)
-    for i in range(L_LOOP if L_LOOP > 0 else L):
+    for i in range(L):
         # step l = L - 1 - i (0-based); has_next: step l - 1 exists
         has_next = i < L - 1
         a_ptrs -= a_sl
         v_ptrs -= v_sl
         p_ptrs -= p_sl
         if PER_CHANNEL:
-            x_next = tl.load(a_ptrs, mask=cmask & has_next, other=0.0)
+            x_next = tl.load(a_ptrs, mask=_both(cmask, has_next), other=0.0)
         else:
             x_next = tl.load(a_ptrs, mask=has_next, other=0.0)
-        v_next = tl.load(v_ptrs, mask=mask & has_next, other=0.0)
-        p_next = tl.load(p_ptrs, mask=mask & (i < L - 2), other=0.0)
+        v_next = tl.load(v_ptrs, mask=_both(mask, has_next), other=0.0)
+        p_next = tl.load(p_ptrs, mask=_both(mask, i < L - 2), other=0.0)
         if GRAD_ALL:
             g_ptrs -= g_sl
-            g_next = tl.load(g_ptrs, mask=mask & has_next, other=0.0)
+            g_next = tl.load(g_ptrs, mask=_both(mask, has_next), other=0.0)
 
         alpha, oma = _sigmoid_pair(x.to(tl.float32))
         if GRAD_ALL:
@@ -269,29 +271,30 @@ def _ema_bwd_kernel(
         tl.store(DI + o_off, oma_next * G, mask=mask)
 
 
-def _prune_configs(configs, nargs, **kwargs):
+def prune_configs(configs, nargs, **kwargs):
+    """2-D mode: at least 8 rows per tile (bounds the per-channel dalpha partial buffer); no tile
+    (much) larger than the whole problem; no fp32 backward config that spills on sm_90. Smallest
+    BLOCK first (the fixed-config choice)."""
     args = {**nargs, **kwargs}
     block_c = args["BLOCK_C"]
-    # 2-D mode: keep >= 8 rows per tile (bounds the per-channel dalpha partial buffer)
+    if "GR" in args and args["V"].element_size() == 4:  # fp32 backward: drop the configs that spill
+        configs = [c for c in configs
+                   if (c.kwargs["BLOCK"], c.num_warps, bool(args["PER_CHANNEL"])) not in _FP32_BWD_SPILLS]
     rows_ok = [cfg for cfg in configs if args["FLAT"] or cfg.kwargs["BLOCK"] >= 8 * block_c] or list(configs)
-    # no tile (much) larger than the whole problem
     size = args["N_KEY"] if args["FLAT"] else triton.next_power_of_2(args["R"]) * block_c
     smallest = min(cfg.kwargs["BLOCK"] for cfg in rows_ok)
     return [cfg for cfg in rows_ok if cfg.kwargs["BLOCK"] <= max(size, smallest)]
 
 
-if _INTERPRET:
-    _fwd_kernel = _ema_fwd_kernel
-    _bwd_kernel = _ema_bwd_kernel
-else:
-    _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in _GPU_BLOCKS for w in _GPU_WARPS]
-    _KEY = ["L", "N_KEY", "BLOCK_C", "FLAT", "PER_CHANNEL", "HAS_INIT"]
-    _fwd_kernel = triton.autotune(
-        configs=_CONFIGS, key=_KEY + ["STORE_ALL"], prune_configs_by={"early_config_prune": _prune_configs}
-    )(_ema_fwd_kernel)
-    _bwd_kernel = triton.autotune(
-        configs=_CONFIGS, key=_KEY + ["GRAD_ALL"], prune_configs_by={"early_config_prune": _prune_configs}
-    )(_ema_bwd_kernel)
+# (BLOCK, num_warps, per-channel) of the fp32 backward that spill on sm_90 (ptxas; the 16-bit ones do not)
+_FP32_BWD_SPILLS = {(4096, 4, False), (4096, 4, True), (2048, 8, True)}
+
+
+CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in _BLOCKS for w in _WARPS]
+_KEY = ["L", "N_KEY", "BLOCK_C", "FLAT", "PER_CHANNEL", "HAS_INIT"]
+fwd_kernel = Tuned(_ema_fwd_kernel, CONFIGS, _KEY + ["STORE_ALL"], prune_configs)
+bwd_kernel = Tuned(_ema_bwd_kernel, CONFIGS, _KEY + ["GRAD_ALL"], prune_configs)
+KERNELS = (fwd_kernel, bwd_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,24 +348,13 @@ def _geometry(values, alpha_logits):
 
 
 def _block_c(C):
-    cap = _INTERP_BLOCK_C_MAX if _INTERPRET else _GPU_BLOCK_C_MAX
-    return min(triton.next_power_of_2(max(C, 1)), cap)
+    return min(triton.next_power_of_2(max(C, 1)), _BLOCK_C_MAX)
 
 
 def _a_strides(alpha_logits):
     if alpha_logits.dim() == 2:
         return alpha_logits.stride(0), alpha_logits.stride(1)
     return alpha_logits.stride(0), 0
-
-
-def _launch(kernel, grid_fn, args, meta):
-    """Run ``kernel``; return the BLOCK it ran with."""
-    if _INTERPRET:
-        block = _INTERP_BLOCK
-        kernel[grid_fn({"BLOCK": block})](*args, L_LOOP=meta.pop("L_LOOP"), BLOCK=block, **meta)
-        return block
-    kernel[grid_fn](*args, L_LOOP=0, **{k: v for k, v in meta.items() if k != "L_LOOP"})
-    return kernel.best_config.kwargs["BLOCK"]
 
 
 def _grid(flat, N, R, C, block_c):
@@ -390,9 +382,9 @@ def _run_forward(values, alpha_logits, init, out, store_all, n_store, flat, geo)
         v_sl, v_sr, v_sc, a_sl, a_sc, i_sr, i_sc,
         triton.next_power_of_2(N),
     )
-    meta = dict(L_LOOP=L, FLAT=flat, PER_CHANNEL=per_channel, HAS_INIT=init is not None,
+    meta = dict(FLAT=flat, PER_CHANNEL=per_channel, HAS_INIT=init is not None,
                 STORE_ALL=store_all, BLOCK_C=block_c)
-    _launch(_fwd_kernel, _grid(flat, N, R, C, block_c), args, meta)
+    fwd_kernel[_grid(flat, N, R, C, block_c)](*args, **meta)
 
 
 def _flat_ok(tensors_lead):
@@ -413,8 +405,10 @@ def unsupported(values, alpha_logits, init, return_all) -> list[str]:
     for name, t in (("values", values), ("alpha_logits", alpha_logits), ("init", init)):
         if t is None:
             continue
-        if t.device.type != "cuda" and not (_INTERPRET and t.device.type == "cpu"):
+        if t.device.type not in ("cuda", "cpu"):
             reasons.append(f"{name} is on {t.device}: needs CUDA (or CPU with TRITON_INTERPRET=1)")
+        elif t.device != values.device:
+            reasons.append(f"{name} is on {t.device} but values on {values.device}: one device for all")
     return reasons
 
 
@@ -480,7 +474,7 @@ def backward(grad, values, alpha_logits, init, states, return_all: bool):
     a_sl, a_sc = _a_strides(alpha_logits)
 
     # dalpha partials, sized for the smallest BLOCK any config may use
-    min_block = _INTERP_BLOCK if _INTERPRET else min(_GPU_BLOCKS)
+    min_block = min(c.kwargs["BLOCK"] for c in CONFIGS)
     if flat:
         rows_max = triton.cdiv(N, min_block)
     elif per_channel:
@@ -496,15 +490,10 @@ def backward(grad, values, alpha_logits, init, states, return_all: bool):
         g_sl, g_sr, g_sc, v_sl, v_sr, v_sc, a_sl, a_sc, i_sr, i_sc, p_sl, p_sr, p_sc,
         triton.next_power_of_2(N),
     )
-    meta = dict(L_LOOP=L, FLAT=flat, PER_CHANNEL=per_channel, HAS_INIT=init is not None,
+    meta = dict(FLAT=flat, PER_CHANNEL=per_channel, HAS_INIT=init is not None,
                 GRAD_ALL=return_all, BLOCK_C=block_c)
-    block = _launch(_bwd_kernel, _grid(flat, N, R, C, block_c), args, meta)
-
-    if flat:
-        rows = triton.cdiv(N, block)
-    elif per_channel:
-        rows = triton.cdiv(R, block // block_c)
-    else:
-        rows = triton.cdiv(R, block // block_c) * triton.cdiv(C, block_c)
+    grid = bwd_kernel[_grid(flat, N, R, C, block_c)](*args, **meta)
+    # rows of partial the launched programs wrote (per-channel: one per row program)
+    rows = grid[0] if (flat or per_channel) else grid[0] * grid[1]
     dalpha = partial[:rows].sum(dim=0)
     return dvalues, dalpha, dinit

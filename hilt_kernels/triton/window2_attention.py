@@ -24,24 +24,25 @@ Limits
 - D <= 1024 (a whole head vector lives in registers); any D >= 1 (padded to a power of two).
 - B*T*H < 2**31 rows; addresses are computed in int64.
 - On GPU (BLOCK_R, num_warps) come from ``triton.autotune`` keyed on (D, causal, dtypes), among
-  at most 8 candidates with 8..16 (forward) / 4..8 (backward) fp32 elements per thread per vector;
-  under TRITON_INTERPRET=1 one fixed small config is used (no autotune).
+  at most 8 candidates with 8..16 (forward) / 4..8 (backward) fp32 elements per thread per vector
+  (``CANDIDATES``, ``prune_fwd`` / ``prune_bwd``); under TRITON_INTERPRET=1 or
+  HILT_TRITON_FIXED_CONFIG=1 the first kept candidate runs (``_launch.py``).
+- Row indices are int64 (``pid * BLOCK_R + arange`` would wrap near 2**31).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from hilt_kernels._alloc import empty
+from hilt_kernels.triton._launch import Tuned
 
 __all__ = ["unsupported", "forward", "backward"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D = 1024
 
@@ -85,7 +86,7 @@ def _w2a_fwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < N
     d = tl.arange(0, BLOCK_D)
     d64 = d.to(tl.int64)
@@ -127,7 +128,7 @@ def _w2a_bwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < N
     d = tl.arange(0, BLOCK_D)
     d64 = d.to(tl.int64)
@@ -189,7 +190,7 @@ def _w2a_bwd_kernel(
 # configs
 # --------------------------------------------------------------------------------------------
 
-_CANDIDATES = [
+CANDIDATES = [
     triton.Config({"BLOCK_R": br}, num_warps=w)
     for w, br in itertools.product((4, 8, 2), (1, 2, 4, 8, 16, 32, 64, 128, 256))
 ]
@@ -212,20 +213,12 @@ def _make_prune(per_thread: tuple[int, ...]):
     return prune
 
 
+prune_fwd = _make_prune((8, 16))
+prune_bwd = _make_prune((4, 8))
 _KEY = ["D", "BLOCK_D", "CAUSAL"]
-
-if _INTERPRET:
-    _fwd_launch = _w2a_fwd_kernel
-    _bwd_launch = _w2a_bwd_kernel
-else:
-    _fwd_launch = triton.autotune(configs=_CANDIDATES, key=_KEY,
-                                  prune_configs_by={"early_config_prune": _make_prune((8, 16))})(
-                                      _w2a_fwd_kernel)
-    _bwd_launch = triton.autotune(configs=_CANDIDATES, key=_KEY,
-                                  prune_configs_by={"early_config_prune": _make_prune((4, 8))})(
-                                      _w2a_bwd_kernel)
-
-_INTERP_CONFIG = {"BLOCK_R": 4, "num_warps": 1}
+fwd_kernel = Tuned(_w2a_fwd_kernel, CANDIDATES, _KEY, prune_fwd)
+bwd_kernel = Tuned(_w2a_bwd_kernel, CANDIDATES, _KEY, prune_bwd)
+KERNELS = (fwd_kernel, bwd_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +241,6 @@ def unsupported(q, k, v, causal, scale) -> list[str]:
 
 
 def _grid(N):
-    if _INTERPRET:
-        return (triton.cdiv(N, _INTERP_CONFIG["BLOCK_R"]),)
     return lambda meta: (triton.cdiv(N, meta["BLOCK_R"]),)
 
 
@@ -260,9 +251,7 @@ def forward(q, k, v, causal: bool, scale: float):
     if out.numel() == 0:
         return out
     kw = dict(CAUSAL=bool(causal), BLOCK_D=_p2(D))
-    if _INTERPRET:
-        kw.update(_INTERP_CONFIG)
-    _fwd_launch[_grid(N)](
+    fwd_kernel[_grid(N)](
         q, k, v, out, N, T * H, H, D, float(scale),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), **kw)
     return out
@@ -277,9 +266,7 @@ def backward(dout, q, k, v, causal: bool, scale: float):
     if dq.numel() == 0:
         return dq, dk, dv
     kw = dict(CAUSAL=bool(causal), BLOCK_D=_p2(D))
-    if _INTERPRET:
-        kw.update(_INTERP_CONFIG)
-    _bwd_launch[_grid(N)](
+    bwd_kernel[_grid(N)](
         dout, q, k, v, dq, dk, dv, N, T * H, H, D, float(scale),
         *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *dq.stride(), **kw)
     return dq, dk, dv

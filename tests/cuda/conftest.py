@@ -36,8 +36,10 @@ def cuda_backend_or_skip() -> None:
     from hilt_kernels.cuda import unavailable_reason
 
     why = unavailable_reason()
-    if why is not None:
-        pytest.skip(f"cuda backend unavailable: {why}")
+    if why is not None:  # a GPU without the library: a broken install, which FAILS (tests/conftest.py's rule)
+        from tests.conftest import skip_missing_backend
+
+        skip_missing_backend("cuda", f"cuda backend unavailable: {why}")
 
 
 def sanitizer_env(variant: str, lib: str) -> dict:

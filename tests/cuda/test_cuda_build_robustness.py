@@ -166,3 +166,23 @@ def test_launch_ctx_under_the_emulator(monkeypatch):
     assert launch_ctx(t) == (0, None)  # CPU tensor: device 0, stream 0 (no torch.cuda call)
     monkeypatch.setenv("HILT_CUDA_EMULATOR_DEVICE", "1")
     assert launch_ctx(t) == (1, None)
+
+
+def test_missing_cuda_library_fails_on_a_gpu_machine(monkeypatch):
+    """With a CUDA device present, a missing CUDA library fails the GPU tests (the one rule of
+    tests/conftest.py) instead of skipping them, unless HILT_ALLOW_MISSING_BACKENDS names cuda."""
+    import torch
+
+    import hilt_kernels.cuda as hk_cuda
+    import tests.conftest as root_conftest
+    from tests.cuda.conftest import cuda_backend_or_skip
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hk_cuda, "unavailable_reason", lambda: "library not built")
+    monkeypatch.setattr(root_conftest, "HAS_CUDA", True)
+    monkeypatch.delenv("HILT_ALLOW_MISSING_BACKENDS", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="library not built"):
+        cuda_backend_or_skip()
+    monkeypatch.setenv("HILT_ALLOW_MISSING_BACKENDS", "cuda")
+    with pytest.raises(pytest.skip.Exception, match="cuda backend unavailable: library not built"):
+        cuda_backend_or_skip()

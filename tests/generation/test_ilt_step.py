@@ -30,6 +30,37 @@ def test_step_equals_forward(causal, bias):
     assert ilt.proj_in.weight.grad is not None
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_weights_every_shape(causal, bias):
+    """One packed-weights object over changing shapes (its buffers are rebuilt per shape): one token
+    (the 3-D bmm scores), several tokens (4-D matmul scores), back again; returned tensors are fresh."""
+    torch.manual_seed(1)
+    ilt = InterLayerTransformer(40, ilt_dim=24, n_heads=3, n_layers=3, dropout=0.0, causal=causal, bias=bias).eval()
+    with torch.no_grad():
+        for p in ilt.parameters():  # larger than the init, so that every part matters
+            p.normal_(0, 0.3)
+        w = ilt.step_weights()
+        outs = []
+        for shape in [(1, 1), (3, 1), (2, 4), (1, 1), (1, 1)]:
+            prev, cur = torch.randn(*shape, 40), torch.randn(*shape, 40)
+            ref = ilt(prev, cur)
+            got = ilt.step(prev, cur, weights=w)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            outs.append((got, got.clone()))
+            torch.testing.assert_close(ilt.step(prev, cur, out=cur, scale=torch.tensor(0.3), weights=w),
+                                       cur + 0.3 * ref, atol=1e-5, rtol=1e-5)
+        for got, copy in outs:  # later steps did not write into earlier results
+            assert torch.equal(got, copy)
+
+
+def test_hilt_cache_packs_ilt_weights():
+    m = hilt_model("rope")
+    cache = m.init_cache(1)
+    assert len(cache.ilt_weights) == m.config.n_layers - 1
+    assert all(w.dtype == m.ilts[0].proj_in.weight.dtype for w in cache.ilt_weights)
+
+
 def test_hilt_step_path_calls_ilt_step(monkeypatch):
     m = hilt_model("rope")
     calls = []

@@ -59,4 +59,6 @@ def test_hf_convert_standard_mode_npt_mode_and_gradients(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh(ids).logits, m(ids).logits, atol=1e-6)
     with pytest.raises(N.NPTError, match="already an NP layer"):
-        convert_hf_llama_to_npt(m, [1])
+        convert_hf_llama_to_npt(m, [1], np_rank=8, num_ranks=2)
+    with pytest.raises(N.NPTError, match="same settings"):
+        convert_hf_llama_to_npt(m, [0], np_rank=4)

@@ -121,3 +121,65 @@ def test_compile_fullgraph_triton(op):
     fn(*b).float().square().sum().backward()
     for i, (x, y) in enumerate(zip(a, b)):
         assert_close(x.grad, y.grad, 1e-2, 1e-2, f"{op} compiled grad {i}")
+
+
+# Every kept config (num_warps / num_stages included: they matter on a GPU) at representative shapes, one
+# test per op. The rest of the GPU suite runs with HILT_TRITON_FIXED_CONFIG=1 (first kept config only).
+ALL_CONFIG_CASES = {
+    "bla": [(torch.bfloat16, 64, 64), (torch.bfloat16, 256, 128), (torch.float32, 32, 64), (torch.float32, 128, 128)],
+    "apool": [(torch.bfloat16, 8, True), (torch.float32, 128, False)],
+    "w2a": [(torch.bfloat16, 64), (torch.float32, 128)],
+    "ema": [(torch.bfloat16, False), (torch.float32, True)],
+}
+
+
+def _every_config(monkeypatch, fn):
+    from hilt_kernels.triton import _launch
+
+    state = {"i": 0, "more": False}
+    ran, kept_all = {}, {}
+
+    def pick(name, kept):
+        kept_all.setdefault(name, set()).update(map(str, kept))
+        state["more"] |= state["i"] + 1 < len(kept)
+        c = kept[min(state["i"], len(kept) - 1)]
+        ran.setdefault(name, set()).add(str(c))
+        return c
+
+    monkeypatch.setattr(_launch, "pick", pick)
+    while True:
+        state["more"] = False
+        fn()
+        if not state["more"]:
+            break
+        state["i"] += 1
+    assert ran == kept_all
+
+
+@pytest.mark.parametrize("op", list(ALL_CONFIG_CASES))
+def test_every_kept_config_on_gpu(monkeypatch, op):
+    torch.manual_seed(0)
+    for case in ALL_CONFIG_CASES[op]:
+        dtype = case[0]
+        if op == "bla":
+            _, b, D = case
+            xs = [torch.randn(2, 4 * b + 7, 2, D, device="cuda", dtype=dtype) for _ in range(3)]
+            mask = torch.rand(2, 4 * b + 7, device="cuda") < 0.1
+            fns = [lambda q, k, v, be: hilt_kernels.block_local_attention(q, k, v, b, key_padding_mask=mask, backend=be)]
+        elif op == "apool":
+            _, b, shared = case
+            xs = [torch.randn(2, 4 * b + 3, 8, device="cuda", dtype=dtype),
+                  torch.randn((2, 4 * b + 3, 256) if shared else (2, 4 * b + 3, 8, 64), device="cuda", dtype=dtype)]
+            fns = [lambda s, v, be: hilt_kernels.attention_pool(s, v, b, backend=be)]
+        elif op == "w2a":
+            _, D = case
+            xs = [torch.randn(2, 2, 300, 4, D, device="cuda", dtype=dtype) for _ in range(3)]
+            fns = [lambda q, k, v, be: hilt_kernels.window2_attention(q, k, v, backend=be)]
+        else:
+            _, per_channel = case
+            xs = [torch.randn(6, 3, 700, 128, device="cuda", dtype=dtype),
+                  torch.randn((6, 128) if per_channel else (6,), device="cuda")]
+            fns = [lambda v, a, be: hilt_kernels.ema_depth_scan(v, a, backend=be)]
+        fn = fns[0]
+        _every_config(monkeypatch, lambda: _compare(lambda *a: fn(*a, "triton"),
+                                                    lambda *a: fn(*a, "reference"), xs, dtype, f"{op} {case}"))
