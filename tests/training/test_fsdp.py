@@ -34,6 +34,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str, resume) -
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # The result is on disk: leave without C++ static destructors. On CPU/gloo a worker sometimes aborted
+    # at interpreter exit ("terminate called without an active exception", SIGABRT) after finishing its
+    # work, which failed the test although nothing it checks went wrong.
+    os._exit(0)
 
 
 def _spawn(cfg: TrainConfig, out_dir, resume=None) -> list[dict]:
