@@ -9,7 +9,7 @@ from hilt.nn import LearnedPositionalEncoding, SinusoidalPositionalEncoding, Tra
 from hilt.nn.attention import KVCache
 
 from .config import GPTConfig
-from .output import ModelOutput, check_ids, init_weights, lm_loss
+from .output import check_step, ModelOutput, check_ids, init_weights, lm_loss
 
 __all__ = ["GPT", "make_positional_encoding"]
 
@@ -162,16 +162,8 @@ class GPT(nn.Module):
         Decoding only: no padding mask, no loss; call it in eval mode (dropout is not applied)."""
         if not self.supports_kv_cache:
             raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding path")
-        pos = cache.length if start_pos is None else int(start_pos)
-        check_ids(ids, self.config.max_seq_len)
-        B, T = ids.shape
-        if B != cache.batch_size:
-            raise ValueError(f"ids has batch {B}, the cache was built for {cache.batch_size}")
-        if not 0 <= pos <= cache.length:
-            raise ValueError(f"start_pos must be in [0, cache.length={cache.length}], got {pos}")
-        if pos + T > cache.max_len:
-            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache length {cache.max_len} "
-                             f"(max_seq_len={self.config.max_seq_len}): rebuild the cache from a shorter window")
+        pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
+        T = ids.shape[1]
         h = self.tok_emb(ids)
         if self.pos_enc is not None:
             h = self.pos_enc(h, offset=pos)

@@ -22,7 +22,7 @@ from hilt.nn.attention import _check_heads
 
 from .config import GPTConfig, _bool, _float, _int, _prob
 from .gpt import GPT
-from .output import IGNORE_INDEX, ModelOutput, check_ids, classification_loss, init_weights, lm_loss
+from .output import check_step, IGNORE_INDEX, ModelOutput, check_ids, classification_loss, init_weights, lm_loss
 
 __all__ = ["LFormerConfig", "LFormer", "LFormerOutput", "TapProjector", "PlanDecoder",
            "TAP_MODES", "POOLINGS", "AGGREGATORS"]
@@ -566,16 +566,8 @@ class LFormer(GPT):
         each new token's taps, φ, the depth aggregator and the blend gate run on that token only."""
         if self.blend_gate is None:
             return super().forward_step(ids, cache, start_pos)
-        pos = cache.length if start_pos is None else int(start_pos)
-        check_ids(ids, self.config.max_seq_len)
-        B, T = ids.shape
-        if B != cache.batch_size:
-            raise ValueError(f"ids has batch {B}, the cache was built for {cache.batch_size}")
-        if not 0 <= pos <= cache.length:
-            raise ValueError(f"start_pos must be in [0, cache.length={cache.length}], got {pos}")
-        if pos + T > cache.max_len:
-            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache length {cache.max_len} "
-                             f"(max_seq_len={self.config.max_seq_len}): rebuild the cache from a shorter window")
+        pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
+        T = ids.shape[1]
         h = self.tok_emb(ids)
         if self.pos_enc is not None:
             h = self.pos_enc(h, offset=pos)

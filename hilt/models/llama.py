@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from hilt.nn import RotaryEmbedding
 
 from .config import ModelConfig, _bool, _int
-from .output import ModelOutput, check_ids, lm_loss
+from .output import check_step, ModelOutput, check_ids, lm_loss
 
 __all__ = ["LlamaConfig", "Llama", "LlamaLayer", "LlamaAttention", "SwiGLU", "llama_d_ff"]
 
@@ -310,16 +310,8 @@ class Llama(nn.Module):
         included, in their current mode). Eval mode, no padding."""
         if not self.supports_kv_cache:
             raise NotImplementedError("a layer of this Llama has no cached path (forward_cached)")
-        pos = cache.length if start_pos is None else int(start_pos)
-        check_ids(ids, self.config.max_seq_len)
-        B, T = ids.shape
-        if B != cache.batch_size:
-            raise ValueError(f"ids has batch {B}, the cache was built for {cache.batch_size}")
-        if not 0 <= pos <= cache.length:
-            raise ValueError(f"start_pos must be in [0, cache.length={cache.length}], got {pos}")
-        if pos + T > cache.max_len:
-            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache length {cache.max_len} "
-                             f"(max_seq_len={self.config.max_seq_len}): rebuild the cache from a shorter window")
+        pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
+        T = ids.shape[1]
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
             h = layer.forward_cached(h, cache.k[i], cache.v[i], pos)

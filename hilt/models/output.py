@@ -25,6 +25,22 @@ class ModelOutput:
     aux_losses: dict = field(default_factory=dict)
 
 
+def check_step(ids: Tensor, cache, start_pos: Optional[int], max_seq_len: int) -> int:
+    """Validate a cached decoding step (``forward_step``) of ``ids`` (B, T) against a KV ``cache`` (with
+    ``batch_size``, ``length``, ``max_len``) and return the start position (``cache.length`` by default)."""
+    pos = cache.length if start_pos is None else int(start_pos)
+    check_ids(ids, max_seq_len)
+    B, T = ids.shape
+    if B != cache.batch_size:
+        raise ValueError(f"ids has batch {B}, the cache was built for {cache.batch_size}")
+    if not 0 <= pos <= cache.length:
+        raise ValueError(f"start_pos must be in [0, cache.length={cache.length}], got {pos}")
+    if pos + T > cache.max_len:
+        raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache length {cache.max_len} "
+                         f"(max_seq_len={max_seq_len}): rebuild the cache from a shorter window")
+    return pos
+
+
 def check_ids(ids: Tensor, max_seq_len: int, key_padding_mask: Optional[Tensor] = None) -> None:
     if ids.dim() != 2:
         raise ValueError(f"ids must be (B, T), got shape {tuple(ids.shape)}")
