@@ -1,4 +1,4 @@
-"""Build script: the pure-Python packages plus the torch-free CUDA library.
+"""Build script: the pure-Python packages plus two torch-free libraries, CUDA and CPU.
 
 The CUDA kernels in csrc/ are compiled by nvcc alone — no torch headers, torch is never imported —
 into one shared library, ``hilt_kernels/cuda/_hilt_cuda.so`` (C ABI, CUDA runtime linked
@@ -18,7 +18,13 @@ Without nvcc (or when the compile fails and the build is not forced) the pure-Py
 installed and the reason is printed once, and recorded in ``build/hilt_cuda/status.txt``, which
 ``hilt_kernels.cuda.unavailable_reason()`` reports.
 
-A wheel that carries the library is tagged as a platform wheel (``py3-none-<platform>``: the library
+The CPU library (``csrc/cpu/*.cpp`` -> ``hilt_kernels/cpu/_hilt_cpu.so``, fused decoding steps, logic in
+``hilt_kernels/cpu/_build.py``) is compiled the same way with the system C++ compiler (``$CXX``, else
+c++/g++/clang++; extra flags in ``HILT_CPU_CXXFLAGS``); ``HILT_SKIP_CPU_BUILD=1`` skips it,
+``HILT_FORCE_CPU_BUILD=1`` fails the install when it cannot be built. Without it the same steps run through
+PyTorch ops; the reason is recorded in ``build/hilt_cpu/status.txt`` and shown by ``hilt info``.
+
+A wheel that carries a library is tagged as a platform wheel (``py3-none-<platform>``: the library
 is torch- and Python-version independent, but it is a Linux x86-64/aarch64 binary); without it the
 wheel stays pure.
 """
@@ -40,10 +46,12 @@ except ImportError:  # pragma: no cover
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG_CUDA = os.path.join(HERE, "hilt_kernels", "cuda")
+PKG_CPU = os.path.join(HERE, "hilt_kernels", "cpu")
+LIBS = (("cuda", "_hilt_cuda.so"), ("cpu", "_hilt_cpu.so"))  # (subpackage, file) of each compiled library
 
 
-def _load_build_module():
-    spec = importlib.util.spec_from_file_location("_hilt_cuda_build", os.path.join(PKG_CUDA, "_build.py"))
+def _load_build_module(pkg: str = PKG_CUDA, name: str = "_hilt_cuda_build"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(pkg, "_build.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses need the module registered
     spec.loader.exec_module(mod)
@@ -58,8 +66,8 @@ def _say(msg: str) -> None:
     print(f"hilt: {msg}", file=sys.stderr, flush=True)
 
 
-def _record(status: str) -> None:
-    d = os.path.join(HERE, "build", "hilt_cuda")
+def _record(status: str, which: str = "hilt_cuda") -> None:
+    d = os.path.join(HERE, "build", which)
     try:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "status.txt"), "w") as fh:
@@ -118,35 +126,75 @@ def build_cuda_library() -> None:
          f"({len(res.compiled)} source(s) compiled, the rest reused).")
 
 
+_CPU_DONE: list[bool] = []
+
+
+def build_cpu_library() -> None:
+    """Compile csrc/cpu/ into hilt_kernels/cpu/_hilt_cpu.so (once per setup.py process)."""
+    if _CPU_DONE:
+        return
+    _CPU_DONE.append(True)
+    b = _load_build_module(PKG_CPU, "_hilt_cpu_build")
+    target = os.path.join(PKG_CPU, b.LIB_NAME)
+    force = _truthy("HILT_FORCE_CPU_BUILD")
+
+    def not_built(why: str) -> None:
+        if force:
+            raise SystemExit(f"hilt: HILT_FORCE_CPU_BUILD=1 but the CPU library cannot be built: {why}")
+        if os.path.exists(target):
+            os.remove(target)  # never leave a stale library from older sources
+        _record(why, "hilt_cpu")
+        _say(f"the CPU library was NOT built ({why}); the fused CPU decoding steps will run as PyTorch ops.")
+
+    if _truthy("HILT_SKIP_CPU_BUILD") and not force:
+        not_built("HILT_SKIP_CPU_BUILD=1 was set at install time")
+        return
+    res = b.build(log=_say)
+    if not res.ok:
+        _say(res.error)
+        not_built("the C++ compiler failed on csrc/cpu/ (the error is printed above)" if res.command else res.error)
+        return
+    tmp = target + ".tmp"
+    shutil.copyfile(res.library, tmp)
+    os.replace(tmp, target)
+    _record(f"built {res.library} with: {res.command}", "hilt_cpu")
+    _say(f"built the CPU library {target} in {res.seconds:.1f} s.")
+
+
+def _built_libraries() -> list[tuple[str, str]]:
+    return [(pkg, name) for pkg, name in LIBS if os.path.isfile(os.path.join(HERE, "hilt_kernels", pkg, name))]
+
+
 class BuildPyWithCuda(build_py):
-    """build_py that first compiles the CUDA library in place and ships it with the package."""
+    """build_py that first compiles the CUDA and CPU libraries in place and ships them with the package."""
 
     def run(self):
         build_cuda_library()
+        build_cpu_library()
         super().run()
-        so = os.path.join(PKG_CUDA, "_hilt_cuda.so")
-        if not getattr(self, "editable_mode", False) and os.path.isfile(so):
-            dest = os.path.join(self.build_lib, "hilt_kernels", "cuda")
-            os.makedirs(dest, exist_ok=True)
-            shutil.copyfile(so, os.path.join(dest, "_hilt_cuda.so"))
+        if not getattr(self, "editable_mode", False):
+            for pkg, name in _built_libraries():
+                dest = os.path.join(self.build_lib, "hilt_kernels", pkg)
+                os.makedirs(dest, exist_ok=True)
+                shutil.copyfile(os.path.join(HERE, "hilt_kernels", pkg, name), os.path.join(dest, name))
 
     def get_outputs(self, include_bytecode=1):
         outs = super().get_outputs(include_bytecode)
-        so = os.path.join(self.build_lib, "hilt_kernels", "cuda", "_hilt_cuda.so")
-        return outs + ([so] if os.path.isfile(os.path.join(PKG_CUDA, "_hilt_cuda.so")) else [])
+        return outs + [os.path.join(self.build_lib, "hilt_kernels", pkg, name) for pkg, name in _built_libraries()]
 
 
 class PlatformWheel(bdist_wheel):
-    """A wheel carrying _hilt_cuda.so is a platform wheel (py3-none-<plat>), else a pure one."""
+    """A wheel carrying a compiled library is a platform wheel (py3-none-<plat>), else a pure one."""
 
     def finalize_options(self):
         super().finalize_options()
-        if os.path.isfile(os.path.join(PKG_CUDA, "_hilt_cuda.so")):
+        if _built_libraries():
             self.root_is_pure = False
 
     def run(self):
         build_cuda_library()  # before the purity decision (build_py would only run later)
-        self.root_is_pure = not os.path.isfile(os.path.join(PKG_CUDA, "_hilt_cuda.so"))
+        build_cpu_library()
+        self.root_is_pure = not _built_libraries()
         super().run()
 
     def get_tag(self):

@@ -173,7 +173,8 @@ def _encoder_op_step(ilt, prev, cur, out, scale):
 
 
 def hilt_protocol(runs: int = 5, new_tokens: int = 200) -> dict:
-    """README size, 1 thread, interleaved generate() runs: GPT, HILT (ILT step path), HILT with the
+    """README size, 1 thread, interleaved generate() runs: GPT, HILT (its decoding path: the CPU library's
+    fused ILT step when built), HILT with the ILT step as PyTorch ops (the library off), HILT with the
     previous step path (fused encoder-layer op per window layer), HILT (module ILTs)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -201,15 +202,27 @@ def hilt_protocol(runs: int = 5, new_tokens: int = 200) -> dict:
                     h = new
                 return h
 
+        class TorchOpsILT(HILT):  # the packed-weights ILT step as PyTorch ops (the CPU library not used)
+            def init_cache(self, *a, **k):
+                cache = super().init_cache(*a, **k)
+                for w in cache.ilt_weights:
+                    w.cpu = None
+                return cache
+
+        ops = TorchOpsILT(HILTConfig(**kw, ilt_dim=64, ilt_dropout=0.0)).eval()
+        ops.load_state_dict(hilt.state_dict())
         old = ModuleILT(HILTConfig(**kw, ilt_dim=64, ilt_dropout=0.0)).eval()
         old.load_state_dict(hilt.state_dict())
         enc = EncoderOpILT(HILTConfig(**kw, ilt_dim=64, ilt_dropout=0.0)).eval()
         enc.load_state_dict(hilt.state_dict())
         prompt = list(range(32, 64))
         ref = generate(hilt, prompt, 50, temperature=0)
-        assert torch.equal(ref, generate(old, prompt, 50, temperature=0))
-        assert torch.equal(ref, generate(enc, prompt, 50, temperature=0))
-        models = {"gpt": gpt, "hilt": hilt, "hilt_encoder_op": enc, "hilt_module_ilts": old}
+        for other in (ops, old, enc):
+            assert torch.equal(ref, generate(other, prompt, 50, temperature=0))
+        from hilt_kernels.cpu import unavailable_reason
+
+        library = unavailable_reason() or "used"
+        models = {"gpt": gpt, "hilt": hilt, "hilt_torch_ops": ops, "hilt_encoder_op": enc, "hilt_module_ilts": old}
         tps = {k: [] for k in models}
         for name, m in models.items():  # warm-up
             generate(m, prompt, 20, temperature=0)
@@ -220,6 +233,8 @@ def hilt_protocol(runs: int = 5, new_tokens: int = 200) -> dict:
                 tps[name].append(new_tokens / (time.perf_counter() - t0))
         ratios = {k: [h / g for h, g in zip(tps[k], tps["gpt"])] for k in models if k != "gpt"}
         return {"tokens_per_s": tps, "median_tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
+                "cpu_library": library, "ratios_per_run": ratios,
+                "median_ratio": {k: statistics.median(v) for k, v in ratios.items()},
                 "hilt_over_gpt_per_run": ratios["hilt"], "hilt_over_gpt_median": statistics.median(ratios["hilt"]),
                 "encoder_op_over_gpt_per_run": ratios["hilt_encoder_op"],
                 "encoder_op_over_gpt_median": statistics.median(ratios["hilt_encoder_op"]),
@@ -253,11 +268,19 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _load_note(results: dict) -> str:
+    load = results.get("load_average")
+    if not load:  # results written before the load was recorded: those runs shared the CPU with other jobs
+        return "**The CPU was shared with other jobs while this ran**: absolute numbers are noisy."
+    return (f"1-minute load average {'–'.join(f'{x:g}' for x in load)} (start–end) on {results.get('cpu_count')} "
+            "CPUs: a load above the thread count means other jobs shared the CPU.")
+
+
 def markdown(results: dict) -> str:
     lines = [f"# Generation speed ({results['tag']})", "",
              f"Machine: {tm.environment_line(results['env'])}; {results['env']['threads']} thread(s). "
-             "**The 2-core CPU was shared with other agents' jobs while this ran**: absolute numbers are noisy; "
-             "the models were interleaved step by step, so the ratios are the meaningful part.", "",
+             + _load_note(results) + " The models were interleaved step by step, so the ratios are the meaningful "
+             "part.", "",
              f"Models (RoPE, matched at context {results['match_context']} to GPT's {results['target_params']:,} "
              "parameters by the ablation's matcher):", ""]
     for m in results["models"]:
@@ -292,19 +315,21 @@ def markdown(results: dict) -> str:
     hp = results.get("hilt_protocol")
     if hp:
         med = hp["median_tokens_per_s"]
+        labels = {"hilt": f"HILT (its decoding path; CPU library: {hp.get('cpu_library', '?')})",
+                  "hilt_torch_ops": "HILT (ILT step as PyTorch ops on packed weights, 12 ops per window layer)",
+                  "hilt_encoder_op": "HILT (fused encoder-layer op per window layer, an earlier path)",
+                  "hilt_module_ilts": "HILT (ILT module forward, the first path)"}
+        ratio = hp.get("median_ratio") or {"hilt": hp["hilt_over_gpt_median"],
+                                           "hilt_encoder_op": hp["encoder_op_over_gpt_median"],
+                                           "hilt_module_ilts": hp["module_ilts_over_gpt_median"]}
         lines += ["HILT decoding cost (README size: d_model 128, 4 layers, context 256, ilt_dim 64; 32-token prompt, "
                   f"{hp['new_tokens']} new tokens, greedy, 1 thread, eager, {hp['runs']} interleaved runs):", "",
                   tm.markdown_table(["model", "median tok/s", "median ratio vs GPT"],
-                                    [["GPT", tm.fmt(med["gpt"]), "1"],
-                                     ["HILT (ILT step path: packed weights, 12 ops per window layer)", tm.fmt(med["hilt"]),
-                                      f"{hp['hilt_over_gpt_median']:.2f}x"],
-                                     ["HILT (previous step path: fused encoder-layer op per window layer)",
-                                      tm.fmt(med["hilt_encoder_op"]), f"{hp['encoder_op_over_gpt_median']:.2f}x"],
-                                     ["HILT (ILT module forward, earlier path)", tm.fmt(med["hilt_module_ilts"]),
-                                      f"{hp['module_ilts_over_gpt_median']:.2f}x"]]),
-                  "", "Per-run HILT/GPT ratios: " + ", ".join(f"{r:.2f}" for r in hp["hilt_over_gpt_per_run"]),
-                  "", "Per-run HILT (previous step path)/GPT ratios: " + ", ".join(
-                      f"{r:.2f}" for r in hp.get("encoder_op_over_gpt_per_run", [])), ""]
+                                    [["GPT", tm.fmt(med["gpt"]), "1"]]
+                                    + [[labels[k], tm.fmt(med[k]), f"{ratio[k]:.2f}x"] for k in labels if k in ratio]),
+                  ""]
+        for k, per_run in (hp.get("ratios_per_run") or {"hilt": hp["hilt_over_gpt_per_run"]}).items():
+            lines += [f"Per-run {k}/GPT ratios: " + ", ".join(f"{r:.2f}" for r in per_run), ""]
     return "\n".join(lines)
 
 
@@ -363,7 +388,8 @@ def main(argv=None) -> int:
     results = {"tag": a.tag, "env": tm.environment("cpu"), "models": a.models, "configs": {m: configs[m] for m in a.models},
                "params": {m: counts[m] for m in a.models}, "target_params": target, "new_tokens": a.new_tokens,
                "match_context": a.match_context,
-               "prefill_chunk": a.prefill_chunk, "cells": [], "shared_machine": True}
+               "prefill_chunk": a.prefill_chunk, "cells": [], "load_average": [round(os.getloadavg()[0], 2)],
+               "cpu_count": os.cpu_count()}
     print(f"params: {results['params']} (target {target:,})", flush=True)
     for context in a.contexts:
         models = {}
@@ -391,9 +417,9 @@ def main(argv=None) -> int:
     if not a.no_hilt_protocol:
         results["hilt_protocol"] = hilt_protocol(a.hilt_runs)
         print("HILT protocol:", json.dumps({k: results["hilt_protocol"][k] for k in
-                                            ("median_tokens_per_s", "hilt_over_gpt_median", "encoder_op_over_gpt_median",
-                                             "module_ilts_over_gpt_median")}), flush=True)
+                                            ("median_tokens_per_s", "median_ratio", "cpu_library")}), flush=True)
     results["summary"] = summarize(results)
+    results["load_average"].append(round(os.getloadavg()[0], 2))
     _write(results, a.out, a.tag)
     print(markdown(results))
     return 0

@@ -50,6 +50,9 @@ def report() -> str:
     from hilt_kernels.cuda._lib import describe as _cuda_describe  # the CUDA library: build, runtime, driver
 
     lines += ["  " + x for x in _cuda_describe(torch.version.cuda)]
+    from hilt_kernels.cpu._lib import describe as _cpu_describe  # the CPU library (fused decoding steps)
+
+    lines += ["  " + x for x in _cpu_describe()]
     lines.append("")
     lines.append(f"  {'backend':<10} {'dtypes':<20} {'head dims':<34} {'block sizes':<14} devices")
     for name in BACKENDS:

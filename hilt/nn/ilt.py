@@ -77,8 +77,10 @@ class InterLayerTransformer(nn.Module):
         return self.proj_out(x.mean(dim=1))
 
     def step_weights(self) -> "_StepWeights":
-        """The weights of :meth:`step`'s fast path, packed once (detached copies, so rebuild them after
-        the parameters change; ``HILT.init_cache`` packs them with each cache): ``proj_in``'s weight
+        """The weights of :meth:`step`'s fast paths, packed once (detached copies, so rebuild them after
+        the parameters change; ``HILT.init_cache`` packs them with each cache). On the CPU in fp32, with
+        the CPU library built (:mod:`hilt_kernels.cpu`), also the flat buffer of its fused step
+        (:class:`hilt_kernels.cpu.ilt_step.PackedILT`). For the PyTorch-ops path: ``proj_in``'s weight
         transposed, its bias plus each window position's embedding, per window layer the qkv weight
         with the query part pre-scaled by ``head_dim ** -0.5``, transposed linear weights, zeros for absent
         biases, the first MLP weight and bias divided by sqrt(2) (GELU as ``a (1 + erf a)``, the sqrt(2)
@@ -93,7 +95,10 @@ class InterLayerTransformer(nn.Module):
 
         ``prev``, ``cur`` (B, T, d_model). Under ``torch.no_grad`` (with ``fused``, the dtype of the
         parameters) it runs on packed weights (``weights`` from :meth:`step_weights`; packed here when not
-        given, which is slow: pass them when stepping repeatedly). The window is two row blocks, (2·B·T,
+        given, which is slow: pass them when stepping repeatedly). fp32 CPU calls of at most
+        :data:`hilt_kernels.cpu.ilt_step.MAX_TOKENS` tokens run the whole ILT in one call of the CPU
+        library (``csrc/cpu/ilt_step.cpp``; ``HILT_CPU_KERNELS=0`` turns it off); otherwise the window is
+        two row blocks, (2·B·T,
         ilt_dim): the ``prev`` rows, then the ``cur`` rows, and each window layer is 12 ops writing into
         reused buffers: layer norm; one qkv matmul for both rows; ``k0 - k1`` and ``v0 - v1`` in one
         subtraction; the per-head scores ``q . (k0 - k1)`` as one batched matmul, only for the current row
@@ -140,6 +145,9 @@ class _StepWeights:
     _ONE = 8.0  # the constant MLP column: erf(8) == 1 in every float format, so a + a erf(a) == 16 exactly
 
     def __init__(self, ilt: InterLayerTransformer) -> None:
+        from hilt_kernels.cpu import ilt_step as _cpu_ilt_step
+
+        self.cpu = _cpu_ilt_step.pack(ilt)  # the CPU library's fused step, or None
         I, d = ilt.ilt_dim, ilt.d_model
         w = ilt.proj_in.weight.detach()
         dt, dev = w.dtype, w.device
@@ -220,6 +228,8 @@ class _StepWeights:
         I, d = self.I, self.d
         if prev.shape != cur.shape or prev.shape[-1] != d:
             raise ValueError(f"prev and cur must both be (..., {d}), got {tuple(prev.shape)} and {tuple(cur.shape)}")
+        if self.cpu is not None and self.cpu.accepts(prev, cur, out):
+            return self.cpu(prev, cur, out, None if out is None else scale)
         stacked, stacked3, x0, x0_2d, per_layer, mod, mod_view = self._workspace(prev.shape)
         layer_norm, addmm, addcmul = torch.layer_norm, torch.addmm, torch.addcmul
         torch.stack((prev, cur), out=stacked)
