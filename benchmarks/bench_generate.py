@@ -185,18 +185,18 @@ def hilt_protocol(runs: int = 5, new_tokens: int = 200) -> dict:
         hilt = HILT(HILTConfig(**kw, ilt_dim=64, ilt_dropout=0.0)).eval()
 
         class ModuleILT(HILT):  # an earlier step path: each ILT's module forward
-            def _step_layers(self, h, cache, pos):
+            def _step_layers(self, h, cache, pos, ragged=None):
                 for i, layer in enumerate(self.layers):
-                    new = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+                    new = layer.forward_cached(h, cache.k[i], cache.v[i], pos, ragged)
                     if i >= 1:
                         new = new + self.ilt_scale.to(new.dtype) * self.ilts[i - 1](h, new)
                     h = new
                 return h
 
         class EncoderOpILT(HILT):  # the previous step path
-            def _step_layers(self, h, cache, pos):
+            def _step_layers(self, h, cache, pos, ragged=None):
                 for i, layer in enumerate(self.layers):
-                    new = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+                    new = layer.forward_cached(h, cache.k[i], cache.v[i], pos, ragged)
                     if i >= 1:
                         new = _encoder_op_step(self.ilts[i - 1], h, new, new, self.ilt_scale)
                     h = new

@@ -21,8 +21,13 @@ boundaries stay aligned with the tokens), identically with and without the cache
 
 **Batched prompts of different lengths**: a list of lists of ints, or ``(B, T)`` ids with a
 ``padding_mask`` (True = padding, anywhere in the row). Each row keeps its own unpadded positions (and
-block phase): rows are decoded in batches of equal prompt length, so a row's tokens are those it gets
-generated alone. ``eos_id`` stops each row by itself once it emits that token.
+block phase), so a row's tokens are those it gets generated alone (greedy; to rounding, ~1e-6 in the
+logits). Models with ``supports_ragged_cache`` (GPT, HILT, LFormer, Llama/NPT) decode all rows in ONE batch:
+the rows are left-padded into one KV cache (:meth:`~hilt.nn.attention.KVCache.set_left_padding`), every
+token gets its row's own position and no row attends to its padding; once the longest row fills the context
+(where rows would start to slide at different steps) the rows continue in batches of equal length.
+BlockHierarchicalLM (a block phase per row) decodes in batches of equal prompt length from the start.
+``eos_id`` stops each row by itself once it emits that token.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from torch import Tensor, nn
 
 from hilt.nn.attention import KVCache
 
-__all__ = ["generate", "filter_logits", "supports_cache", "window_start", "KVCache"]
+__all__ = ["generate", "filter_logits", "supports_cache", "supports_ragged_cache", "window_start", "KVCache"]
 
 
 def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -54,6 +59,12 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
 def supports_cache(model: nn.Module) -> bool:
     """Whether ``model`` has a KV-cache decoding path (``init_cache`` / ``forward_step``)."""
     return bool(getattr(model, "supports_kv_cache", False)) and hasattr(model, "forward_step")
+
+
+def supports_ragged_cache(model: nn.Module) -> bool:
+    """Whether ``model``'s KV cache takes left-padded rows with their own positions (one batch for prompts
+    of different lengths)."""
+    return supports_cache(model) and bool(getattr(model, "supports_ragged_cache", False))
 
 
 def window_start(n: int, max_len: int, stride: int = 1) -> int:
@@ -142,17 +153,53 @@ def generate(model: nn.Module, prompt_ids: Union[Tensor, Sequence[int], Sequence
         if form == "batch":
             out = _decode(model, torch.stack(rows).to(device), max_new_tokens, **opts)
             return out
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(r.numel(), []).append(i)
-        outs: list[Optional[Tensor]] = [None] * len(rows)
-        for n, idx in groups.items():
-            res = _decode(model, torch.stack([rows[i] for i in idx]).to(device), max_new_tokens, **opts)
-            for j, i in enumerate(idx):
-                outs[i] = _trim_eos(res[j], n, eos_id)
+        rows = [r.to(device) for r in rows]
+        lengths = [r.numel() for r in rows]
+        if (len(set(lengths)) > 1 and use_cache and max_new_tokens > 0 and supports_ragged_cache(model)
+                and max(lengths) <= max_len):
+            seqs = _decode_ragged(model, rows, max_new_tokens, opts)
+        else:
+            seqs = _decode_grouped(model, rows, max_new_tokens, opts)
+        outs = [_trim_eos(s, n, eos_id) for s, n in zip(seqs, lengths)]
     finally:
         model.train(was_training)
     return outs[0] if form == "flat" else outs
+
+
+def _decode_grouped(model: nn.Module, rows: list[Tensor], max_new_tokens: int, opts: dict) -> list[Tensor]:
+    """Rows decoded in batches of equal length (each batch by :func:`_decode`)."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.numel(), []).append(i)
+    outs: list[Tensor] = list(rows)
+    for idx in groups.values():
+        res = _decode(model, torch.stack([rows[i] for i in idx]), max_new_tokens, **opts)
+        for j, i in enumerate(idx):
+            outs[i] = res[j]
+    return outs
+
+
+def _decode_ragged(model: nn.Module, rows: list[Tensor], max_new_tokens: int, opts: dict) -> list[Tensor]:
+    """Rows of different lengths (the longest within the context) in one batch: left-padded in one KV cache
+    with per-row positions while every row fits the context (the longest row fills it after
+    ``max_len - N + 1`` new tokens); the rows still running then continue grouped by length, so each
+    row slides exactly as it would alone."""
+    max_len = model.config.max_seq_len
+    N = max(r.numel() for r in rows)
+    pad = torch.tensor([N - r.numel() for r in rows], device=rows[0].device)
+    ids = torch.zeros(len(rows), N, dtype=torch.long, device=rows[0].device)  # padding token: 0 (never attended)
+    for b, r in enumerate(rows):
+        ids[b, N - r.numel():] = r
+    steps = min(max_new_tokens, max_len - N + 1)
+    out = _decode(model, ids, steps, pad=pad, **opts)
+    seqs = [out[b, N - r.numel():] for b, r in enumerate(rows)]
+    rest, eos_id = max_new_tokens - steps, opts["eos_id"]
+    if rest > 0:
+        running = [b for b, (s, r) in enumerate(zip(seqs, rows))
+                   if eos_id is None or not bool((s[r.numel():] == eos_id).any())]
+        for b, s in zip(running, _decode_grouped(model, [seqs[b] for b in running], rest, opts)):
+            seqs[b] = s
+    return seqs
 
 
 def _trim_eos(row: Tensor, prompt_len: int, eos_id: Optional[int]) -> Tensor:
@@ -163,8 +210,10 @@ def _trim_eos(row: Tensor, prompt_len: int, eos_id: Optional[int]) -> Tensor:
 
 
 def _decode(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature, top_k, top_p, gen, use_cache,
-            keep, eos_id, stride, slides) -> Tensor:
-    """Decode a batch of prompts of one length: ids (B, T) -> (B, T + n), n <= max_new_tokens."""
+            keep, eos_id, stride, slides, pad: Optional[Tensor] = None) -> Tensor:
+    """Decode a batch of prompts of one length: ids (B, T) -> (B, T + n), n <= max_new_tokens. ``pad``
+    (B,): row b's first pad[b] tokens are left padding (a ragged cache; the caller keeps every slot within
+    the context)."""
     max_len = model.config.max_seq_len
     B = ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -175,7 +224,10 @@ def _decode(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature, 
             logits = model(window).logits[:, -1, :].float()
         elif step == 0:
             window = ids[:, window_start(ids.shape[1], max_len, stride):]
-            logits = model.forward_step(window, _reset(model, cache)).logits[:, -1, :].float()
+            cache = _reset(model, cache)
+            if pad is not None:
+                cache.set_left_padding(pad)
+            logits = model.forward_step(window, cache).logits[:, -1, :].float()
         elif slides:
             if cache.length >= max_len:
                 model.slide_cache(cache)

@@ -136,6 +136,13 @@ class GPT(nn.Module):
         with its own forward (e.g. LFormer's blend) does not get a cache unless it overrides this."""
         return type(self).forward is GPT.forward
 
+    @property
+    def supports_ragged_cache(self) -> bool:
+        """True with a KV cache: :meth:`forward_step` takes left-padded rows with their own positions
+        (:meth:`~hilt.nn.attention.KVCache.set_left_padding`), so ``generate`` decodes prompts of different
+        lengths in one batch."""
+        return self.supports_kv_cache
+
     def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
         """An empty :class:`~hilt.nn.attention.KVCache` for ``batch_size`` sequences of at most
         ``max_len`` (default and maximum: ``config.max_seq_len``) tokens, on the model's device and dtype."""
@@ -149,9 +156,9 @@ class GPT(nn.Module):
         return KVCache(len(self.layers), batch_size, attn.n_heads, attn.head_dim, max_len,
                        device=device or ref.device, dtype=dtype or ref.dtype)
 
-    def _step_layers(self, h: Tensor, cache: KVCache, pos: int) -> Tensor:
+    def _step_layers(self, h: Tensor, cache: KVCache, pos: int, ragged=None) -> Tensor:
         for i, layer in enumerate(self.layers):
-            h = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+            h = layer.forward_cached(h, cache.k[i], cache.v[i], pos, ragged)
         return h
 
     def forward_step(self, ids: Tensor, cache: KVCache, start_pos: Optional[int] = None) -> ModelOutput:
@@ -159,15 +166,18 @@ class GPT(nn.Module):
         (default ``cache.length``: right after the cached tokens), attending to the cached tokens
         before them. Writes their keys/values into ``cache`` and sets ``cache.length = start_pos + T``.
         A ``start_pos`` below ``cache.length`` rewinds (the later entries are overwritten).
-        Decoding only: no padding mask, no loss; call it in eval mode (dropout is not applied)."""
+        Decoding only: no padding mask, no loss; call it in eval mode (dropout is not applied). With a
+        left-padded cache (ragged rows, :meth:`~hilt.nn.attention.KVCache.set_left_padding`) positions count
+        slots, and each row's tokens get their own positions and never attend to its padding."""
         if not self.supports_kv_cache:
             raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding path")
         pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
         T = ids.shape[1]
+        ragged = cache.ragged_step(pos, T)
         h = self.tok_emb(ids)
         if self.pos_enc is not None:
-            h = self.pos_enc(h, offset=pos)
-        h = self._step_layers(self.drop(h), cache, pos)
+            h = self.pos_enc(h, offset=pos if ragged is None else ragged.positions)
+        h = self._step_layers(self.drop(h), cache, pos, ragged)
         cache.length = pos + T
         return ModelOutput(logits=self.head(h))
 

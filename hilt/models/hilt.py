@@ -80,16 +80,16 @@ class HILT(GPT):
         cache.ilt_weights = None if self.ilts is None else [ilt.step_weights() for ilt in self.ilts]
         return cache
 
-    def _step_layers(self, h: Tensor, cache, pos: int) -> Tensor:
+    def _step_layers(self, h: Tensor, cache, pos: int, ragged=None) -> Tensor:
         """KV-cached layers. ILTs mix (prev, cur) states of the same token, so they cache nothing: they run
         on the new tokens with the current ``ilt_scale``, through :meth:`InterLayerTransformer.step` (the
         forward's math in a few ops on the weights packed by :meth:`init_cache`; the full module forward
         when an ILT is in training mode)."""
         if self.ilts is None:
-            return super()._step_layers(h, cache, pos)
+            return super()._step_layers(h, cache, pos, ragged)
         packed = getattr(cache, "ilt_weights", None)
         for i, layer in enumerate(self.layers):
-            new = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+            new = layer.forward_cached(h, cache.k[i], cache.v[i], pos, ragged)
             if i >= 1:
                 ilt = self.ilts[i - 1]
                 if ilt.training and ilt.dropout_p > 0:

@@ -568,12 +568,13 @@ class LFormer(GPT):
             return super().forward_step(ids, cache, start_pos)
         pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
         T = ids.shape[1]
+        ragged = cache.ragged_step(pos, T)
         h = self.tok_emb(ids)
         if self.pos_enc is not None:
-            h = self.pos_enc(h, offset=pos)
+            h = self.pos_enc(h, offset=pos if ragged is None else ragged.positions)
         hidden = [self.drop(h)]
         for i, layer in enumerate(self.layers):
-            hidden.append(layer.forward_cached(hidden[-1], cache.k[i], cache.v[i], pos))
+            hidden.append(layer.forward_cached(hidden[-1], cache.k[i], cache.v[i], pos, ragged))
         cache.length = pos + T
         final = self.side_states(hidden)[-1]  # token-wise: (B, T, d_side), per token
         x = self.norm_f(hidden[-1])

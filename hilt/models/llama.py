@@ -124,23 +124,27 @@ class LlamaAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
-    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, ragged=None) -> Tensor:
         """Incremental causal attention for tokens at positions ``pos .. pos+T-1``: their (RoPE'd) keys and
         values go into ``k_cache``/``v_cache`` (B, n_kv_heads, max_len, D) at ``[pos, pos+T)``; each query
-        attends to the cached positions ``<=`` its own. No padding, no dropout (decoding)."""
+        attends to the cached positions ``<=`` its own. No dropout (decoding). ``ragged``: left-padded rows
+        (:class:`hilt.nn.attention.RaggedStep`: per-row positions, padding slots never attended)."""
         B, T, C = x.shape
         end = pos + T
         if end > k_cache.shape[2]:
             raise ValueError(f"KV cache overflow: positions up to {end} > cache length {k_cache.shape[2]}")
-        q = self.rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), pos).transpose(1, 2)
+        rp = pos if ragged is None else ragged.positions
+        q = self.rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), rp).transpose(1, 2)
         k_cache[:, :, pos:end] = self.rotary(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim),
-                                             pos).transpose(1, 2)
+                                             rp).transpose(1, 2)
         v_cache[:, :, pos:end] = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         k, v = k_cache[:, :, :end], v_cache[:, :, :end]
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if T == 1:
+        if ragged is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ragged.mask)
+        elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
             mask = torch.arange(end, device=x.device) <= torch.arange(pos, end, device=x.device)[:, None]
@@ -188,9 +192,10 @@ class LlamaLayer(nn.Module):
         h = x + self.attn(self.input_norm(x), key_padding_mask)
         return h + self.mlp(self.post_attn_norm(h))
 
-    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
-        """:meth:`forward` for new tokens at positions ``pos ..`` with a KV cache."""
-        h = x + self.attn.forward_cached(self.input_norm(x), k_cache, v_cache, pos)
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, ragged=None) -> Tensor:
+        """:meth:`forward` for new tokens at positions ``pos ..`` with a KV cache (``ragged``: see
+        :meth:`LlamaAttention.forward_cached`)."""
+        h = x + self.attn.forward_cached(self.input_norm(x), k_cache, v_cache, pos, ragged)
         return h + self.mlp(self.post_attn_norm(h))
 
 
@@ -289,6 +294,13 @@ class Llama(nn.Module):
         """True when every layer has a cached path (LlamaLayer, and NPTLayer in either mode)."""
         return all(hasattr(layer, "forward_cached") for layer in self.layers)
 
+    @property
+    def supports_ragged_cache(self) -> bool:
+        """True with a KV cache: :meth:`forward_step` takes left-padded rows with their own positions
+        (:meth:`~hilt.nn.attention.KVCache.set_left_padding`), so ``generate`` decodes prompts of different
+        lengths in one batch."""
+        return self.supports_kv_cache
+
     def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None):
         """An empty :class:`~hilt.nn.attention.KVCache` with ``n_kv_heads`` heads per layer for ``batch_size``
         sequences of at most ``max_len`` (default and maximum: ``config.max_seq_len``) tokens."""
@@ -307,14 +319,16 @@ class Llama(nn.Module):
     def forward_step(self, ids: Tensor, cache, start_pos: Optional[int] = None) -> ModelOutput:
         """Logits (B, T, vocab) of ``ids`` (B, T) at positions ``start_pos ..`` (default ``cache.length``),
         attending to the cached tokens before them; equal to :meth:`forward` on the whole prefix (NP layers
-        included, in their current mode). Eval mode, no padding."""
+        included, in their current mode). Eval mode. A cache with left padding (ragged rows,
+        :meth:`~hilt.nn.attention.KVCache.set_left_padding`) gives each row its own positions."""
         if not self.supports_kv_cache:
             raise NotImplementedError("a layer of this Llama has no cached path (forward_cached)")
         pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
         T = ids.shape[1]
+        ragged = cache.ragged_step(pos, T)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            h = layer.forward_cached(h, cache.k[i], cache.v[i], pos)
+            h = layer.forward_cached(h, cache.k[i], cache.v[i], pos, ragged)
         cache.length = pos + T
         return ModelOutput(logits=self.head(h))
 

@@ -194,10 +194,11 @@ class NPTLayer(nn.Module):
             return self.standard_from(x, self.attention(x, key_padding_mask))
         return self.npt_forward(x, x, key_padding_mask)
 
-    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, ragged=None) -> Tensor:
         """:meth:`forward` for new tokens at positions ``pos ..`` with a KV cache (either mode): the cached
-        attention output ``a`` modulates the MLP in NPT mode, or is added back in standard mode."""
-        a = self.attn.forward_cached(self.input_norm(x), k_cache, v_cache, pos)
+        attention output ``a`` modulates the MLP in NPT mode, or is added back in standard mode
+        (``ragged``: left-padded rows, see :meth:`LlamaAttention.forward_cached`)."""
+        a = self.attn.forward_cached(self.input_norm(x), k_cache, v_cache, pos, ragged)
         if not self.npt_mode:
             return self.standard_from(x, a)
         return x + self.np.mlp_mod(self.mlp, self.post_attn_norm(x), a)

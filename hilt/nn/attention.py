@@ -11,14 +11,18 @@ from hilt.functional import block_local_attention, window2_attention
 
 from .positional import RotaryEmbedding
 
-__all__ = ["CausalSelfAttention", "BlockLocalAttention", "Window2Attention", "KVCache"]
+__all__ = ["CausalSelfAttention", "BlockLocalAttention", "Window2Attention", "KVCache", "RaggedStep"]
 
 
 class KVCache:
     """Keys and values of every layer for incremental decoding (``GPT.init_cache`` builds one).
 
-    ``k[i]``, ``v[i]``: (B, H, max_len, D) buffers of layer i; positions ``[0, length)`` are filled.
-    ``length`` is the next position to write; :meth:`reset` empties the cache (buffers are reused).
+    ``k[i]``, ``v[i]``: (B, H, max_len, D) buffers of layer i; slots ``[0, length)`` are filled.
+    ``length`` is the next slot to write; :meth:`reset` empties the cache (buffers are reused).
+
+    Ragged batches (:meth:`set_left_padding`): row b's first ``pad[b]`` slots hold padding, so its token in
+    slot s is at position ``s - pad[b]``; cached steps then apply each token's own position and never
+    attend to a padding slot (:class:`RaggedStep`). Without padding, slot == position.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, head_dim: int, max_len: int,
@@ -30,14 +34,60 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.pad: Optional[Tensor] = None
 
     def reset(self) -> "KVCache":
+        """Empty the cache (and drop any left padding)."""
         self.length = 0
+        self.pad = None
         return self
+
+    def set_left_padding(self, pad: Optional[Tensor]) -> "KVCache":
+        """Row b's first ``pad[b]`` slots are padding (``pad``: (B,) integers >= 0; None: no padding). Set it
+        on an empty cache, then fill it with left-padded rows (``forward_step`` of (B, T) ids whose row b
+        starts with ``pad[b]`` padding tokens, ``pad[b] < T``)."""
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long, device=self.k[0].device)
+            if pad.shape != (self.batch_size,) or (pad.numel() and int(pad.min()) < 0):
+                raise ValueError(f"pad must hold {self.batch_size} integers >= 0 (one per row), got "
+                                 f"{pad.tolist() if pad.dim() <= 1 else tuple(pad.shape)}")
+            if self.length:
+                raise ValueError("set_left_padding needs an empty cache (call reset() first)")
+        self.pad = pad
+        return self
+
+    def ragged_step(self, pos: int, T: int) -> Optional["RaggedStep"]:
+        """The :class:`RaggedStep` of T new tokens in slots ``pos ..`` (None without padding)."""
+        return None if self.pad is None else RaggedStep.make(self.pad, pos, T)
 
     def __repr__(self) -> str:
         B, H, L, D = self.k[0].shape
         return f"KVCache(layers={len(self.k)}, batch={B}, heads={H}, head_dim={D}, length={self.length}/{L})"
+
+
+class RaggedStep:
+    """Positions and attention mask of a cached step over left-padded rows (:meth:`KVCache.set_left_padding`).
+
+    ``positions`` (B, T): each new token's own position, ``slot - pad[b]`` (0 for padding tokens);
+    ``mask`` (B, 1, T, end): the slots each new token attends to: causal, and never a padding slot for a
+    real token (a padding token attends to the padding before it, so its values stay finite; nothing
+    real ever reads them).
+    """
+
+    __slots__ = ("positions", "mask")
+
+    def __init__(self, positions: Tensor, mask: Tensor) -> None:
+        self.positions, self.mask = positions, mask
+
+    @classmethod
+    def make(cls, pad: Tensor, pos: int, T: int) -> "RaggedStep":
+        slots = torch.arange(pos, pos + T, device=pad.device)
+        keys = torch.arange(pos + T, device=pad.device)
+        positions = (slots[None, :] - pad[:, None]).clamp_min(0)                       # (B, T)
+        causal = keys[None, :] <= slots[:, None]                                          # (T, end)
+        real_key = keys[None, None, :] >= pad[:, None, None]                              # (B, 1, end)
+        pad_query = slots[None, :, None] < pad[:, None, None]                             # (B, T, 1)
+        return cls(positions, (causal[None] & (real_key | pad_query))[:, None])          # (B, 1, T, end)
 
 
 def _check_heads(d_model: int, n_heads: int) -> int:
@@ -133,21 +183,26 @@ class CausalSelfAttention(_QKVAttention):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
-    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+    def forward_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
+                       ragged: Optional[RaggedStep] = None) -> Tensor:
         """Incremental causal attention for tokens at positions ``pos .. pos+T-1``: their keys and
         values are written into ``k_cache``/``v_cache`` (B, H, max_len, D) at ``[pos, pos+T)``, and
-        each query attends to the cached positions ``<=`` its own. No padding, no dropout (decoding)."""
+        each query attends to the cached positions ``<=`` its own. No dropout (decoding). ``ragged``
+        (left-padded rows, :meth:`KVCache.ragged_step`): ``pos`` counts slots, each token has its row's own
+        position (RoPE) and no real token attends to a padding slot."""
         if not self.causal:
             raise RuntimeError("forward_cached needs causal attention")
         B, T, C = x.shape
         end = pos + T
         if end > k_cache.shape[2]:
             raise ValueError(f"KV cache overflow: positions up to {end} > cache length {k_cache.shape[2]}")
-        q, k, v = (t.transpose(1, 2) for t in self._qkv(x, offset=pos))  # (B, H, T, D)
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x, offset=pos if ragged is None else ragged.positions))
         k_cache[:, :, pos:end] = k
         v_cache[:, :, pos:end] = v
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        if T == 1:
+        if ragged is not None:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ragged.mask)
+        elif T == 1:
             y = F.scaled_dot_product_attention(q, keys, values)
         else:  # query i (position pos+i) sees keys 0 .. pos+i
             mask = torch.arange(end, device=x.device) <= torch.arange(pos, end, device=x.device)[:, None]

@@ -103,12 +103,12 @@ class TransformerLayer(nn.Module):
         x = x + a
         return x + self.mlp(self.norm2(x))
 
-    def forward_cached(self, x: Tensor, k_cache, v_cache, pos: int) -> Tensor:
+    def forward_cached(self, x: Tensor, k_cache, v_cache, pos: int, ragged=None) -> Tensor:
         """:meth:`forward` for new tokens at positions ``pos ..`` with a KV cache (causal attention
-        only; see :meth:`CausalSelfAttention.forward_cached`)."""
+        only; see :meth:`CausalSelfAttention.forward_cached`, also for ``ragged``)."""
         if not isinstance(self.attn, CausalSelfAttention):
             raise RuntimeError(f"a KV cache needs causal attention, this layer has {self.attention_kind!r}")
-        x = x + self.attn.forward_cached(self.norm1(x), k_cache, v_cache, pos)
+        x = x + self.attn.forward_cached(self.norm1(x), k_cache, v_cache, pos, ragged)
         return x + self.mlp(self.norm2(x))
 
     def forward_offset(self, x: Tensor, offset: int = 0) -> Tensor:

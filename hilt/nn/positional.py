@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["SinusoidalPositionalEncoding", "LearnedPositionalEncoding", "RotaryEmbedding"]
+
+
+def _check_positions(positions: Tensor, x: Tensor, max_seq_len: int) -> Tensor:
+    """Per-token positions (B, T) for x (B, T, C): integers in [0, max_seq_len)."""
+    if positions.shape != x.shape[:-1] or positions.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"per-token positions must be an integer tensor of shape {tuple(x.shape[:-1])}, got "
+                         f"{positions.dtype} {tuple(positions.shape)}")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_seq_len):
+        raise ValueError(f"positions must be in [0, max_seq_len={max_seq_len}), got {int(positions.min())}.."
+                         f"{int(positions.max())}")
+    return positions
 
 
 def _check_length(T: int, offset: int, max_seq_len: int) -> None:
@@ -50,7 +62,11 @@ class SinusoidalPositionalEncoding(nn.Module):
             with torch.no_grad():
                 self.pe.copy_(pe)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: Union[int, Tensor] = 0) -> Tensor:
+        """``offset``: the first token's position, or a (B, T) LongTensor of every token's own position
+        (rows of a ragged batch)."""
+        if isinstance(offset, Tensor):
+            return x + self.pe[_check_positions(offset, x, self.max_seq_len)].to(x.dtype)
         T = x.shape[-2]
         _check_length(T, offset, self.max_seq_len)
         return x + self.pe[offset:offset + T].to(x.dtype)
@@ -79,7 +95,11 @@ class LearnedPositionalEncoding(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: Union[int, Tensor] = 0) -> Tensor:
+        """``offset``: the first token's position, or a (B, T) LongTensor of every token's own position
+        (rows of a ragged batch)."""
+        if isinstance(offset, Tensor):
+            return x + self.weight[_check_positions(offset, x, self.max_seq_len)]
         T = x.shape[-2]
         _check_length(T, offset, self.max_seq_len)
         return x + self.weight[offset:offset + T]
@@ -106,19 +126,27 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         """No state: frequencies are recomputed in the working precision (immune to ``.to(bf16)``)."""
 
-    def cos_sin(self, T: int, device, offset: int = 0, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-        """(T, 1, D) cos and sin (float32, or float64) for positions offset .. offset+T-1."""
-        pos = torch.arange(offset, offset + T, device=device, dtype=dtype)
+    def cos_sin(self, T: int, device, offset: Union[int, Tensor] = 0, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        """(T, 1, D) cos and sin (float32, or float64) for positions offset .. offset+T-1; with ``offset`` a
+        (B, T) tensor of positions, (B, T, 1, D) for those positions."""
+        if isinstance(offset, Tensor):
+            pos = offset.to(device=device, dtype=dtype)
+        else:
+            pos = torch.arange(offset, offset + T, device=device, dtype=dtype)
         inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=dtype) / self.head_dim)
-        ang = torch.outer(pos, inv_freq)
-        ang = torch.cat([ang, ang], dim=-1).unsqueeze(1)
+        ang = pos.unsqueeze(-1) * inv_freq
+        ang = torch.cat([ang, ang], dim=-1).unsqueeze(-2)
         return ang.cos(), ang.sin()
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """Rotate ``x`` of shape (..., T, H, D); returns a new tensor in x's dtype."""
+    def forward(self, x: Tensor, offset: Union[int, Tensor] = 0) -> Tensor:
+        """Rotate ``x`` of shape (..., T, H, D); returns a new tensor in x's dtype. ``offset``: the first
+        token's position, or a (B, T) LongTensor of every token's own position (x (B, T, H, D))."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"x has head dim {x.shape[-1]}, expected {self.head_dim}")
         T = x.shape[-3]
+        if isinstance(offset, Tensor) and (offset.dim() != 2 or x.dim() != 4 or offset.shape != x.shape[:2]):
+            raise ValueError(f"per-token positions must be (B, T) = {tuple(x.shape[:2])} for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(offset.shape)}")
         ct = torch.promote_types(x.dtype, torch.float32)  # 16-bit inputs computed in fp32
         cos, sin = self.cos_sin(T, x.device, offset, ct)
         xf = x.to(ct)
