@@ -244,6 +244,43 @@ def hilt_protocol(runs: int = 5, new_tokens: int = 200) -> dict:
         torch.set_num_threads(n)
 
 
+def ragged_protocol(runs: int = 3, new_tokens: int = 64, n_prompts: int = 16) -> dict:
+    """Prompts of 16 different lengths (8, 15, ..., 113 tokens) at the README size (context 256), 1 thread,
+    greedy: generate() in one left-padded batch (the ragged cache) against the same model decoding them in
+    batches of equal length (here: one at a time), interleaved runs. Same tokens both ways (checked)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=256, dropout=0.0)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 256, (8 + 7 * i,), generator=g).tolist() for i in range(n_prompts)]
+        out = {"new_tokens": new_tokens, "prompt_lengths": [len(p) for p in prompts], "runs": runs, "models": {}}
+        for name, cls, cfg in (("gpt", GPT, GPTConfig(**kw)), ("hilt", HILT, HILTConfig(**kw, ilt_dim=64, ilt_dropout=0.0))):
+            torch.manual_seed(0)
+            model = cls(cfg).eval()
+
+            class Grouped(cls):  # the same model without the ragged cache: batches of equal length
+                supports_ragged_cache = False
+
+            grouped = Grouped(cfg).eval()
+            grouped.load_state_dict(model.state_dict())
+            a = [o.tolist() for o in generate(model, prompts, new_tokens, temperature=0)]
+            b = [o.tolist() for o in generate(grouped, prompts, new_tokens, temperature=0)]
+            assert a == b, "the ragged batch and the grouped decoding disagree"
+            tps = {"one_batch": [], "grouped": []}
+            for _ in range(runs):
+                for key, m in (("one_batch", model), ("grouped", grouped)):
+                    t0 = time.perf_counter()
+                    generate(m, prompts, new_tokens, temperature=0)
+                    tps[key].append(n_prompts * new_tokens / (time.perf_counter() - t0))
+            med = {k: statistics.median(v) for k, v in tps.items()}
+            out["models"][name] = {"tokens_per_s": tps, "median_tokens_per_s": med,
+                                   "speedup": med["one_batch"] / med["grouped"]}
+        return out
+    finally:
+        torch.set_num_threads(n)
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -330,6 +367,15 @@ def markdown(results: dict) -> str:
                   ""]
         for k, per_run in (hp.get("ratios_per_run") or {"hilt": hp["hilt_over_gpt_per_run"]}).items():
             lines += [f"Per-run {k}/GPT ratios: " + ", ".join(f"{r:.2f}" for r in per_run), ""]
+    rp = results.get("ragged_protocol")
+    if rp:
+        lens = rp["prompt_lengths"]
+        lines += [f"Prompts of {len(lens)} different lengths ({lens[0]}..{lens[-1]} tokens), {rp['new_tokens']} new "
+                  f"tokens each, README size, greedy, 1 thread, {rp['runs']} interleaved runs (same tokens both ways):",
+                  "", tm.markdown_table(["model", "one left-padded batch tok/s", "grouped by length tok/s", "speedup"],
+                                        [[NAMES[k], tm.fmt(v["median_tokens_per_s"]["one_batch"]),
+                                          tm.fmt(v["median_tokens_per_s"]["grouped"]), f"{v['speedup']:.2f}x"]
+                                         for k, v in rp["models"].items()]), ""]
     return "\n".join(lines)
 
 
@@ -373,6 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-batch", type=int, default=16)
     p.add_argument("--no-hilt-protocol", action="store_true")
     p.add_argument("--hilt-runs", type=int, default=5)
+    p.add_argument("--no-ragged-protocol", action="store_true",
+                   help="skip the prompts-of-different-lengths measurement (one batch vs grouped by length)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (d_model 64, contexts 512/1024, 16 new tokens)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default="generate_cpu")
@@ -418,6 +466,10 @@ def main(argv=None) -> int:
         results["hilt_protocol"] = hilt_protocol(a.hilt_runs)
         print("HILT protocol:", json.dumps({k: results["hilt_protocol"][k] for k in
                                             ("median_tokens_per_s", "median_ratio", "cpu_library")}), flush=True)
+    if not a.no_ragged_protocol:
+        results["ragged_protocol"] = ragged_protocol(*((1, 8) if a.quick else ()))
+        print("ragged prompts:", json.dumps({k: v["median_tokens_per_s"] for k, v in
+                                             results["ragged_protocol"]["models"].items()}), flush=True)
     results["summary"] = summarize(results)
     results["load_average"].append(round(os.getloadavg()[0], 2))
     _write(results, a.out, a.tag)
