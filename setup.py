@@ -79,6 +79,36 @@ def _record(status: str, which: str = "hilt_cuda") -> None:
 _DONE: list[bool] = []
 
 
+class _LibraryBuild:
+    """The bookkeeping both library builds share: HILT_SKIP_*/HILT_FORCE_*_BUILD, the status file that
+    ``hilt info`` reads, never leaving a stale library behind, and the atomic install of a new one."""
+
+    def __init__(self, kind: str, target: str, status_dir: str, env: str, fallback: str) -> None:
+        self.kind, self.target, self.status_dir, self.fallback = kind, target, status_dir, fallback
+        self.skip_var, self.force_var = f"HILT_SKIP_{env}_BUILD", f"HILT_FORCE_{env}_BUILD"
+        self.force = _truthy(self.force_var)
+
+    def skipped(self) -> bool:
+        if _truthy(self.skip_var) and not self.force:
+            self.not_built(f"{self.skip_var}=1 was set at install time")
+            return True
+        return False
+
+    def not_built(self, why: str) -> None:
+        if self.force:
+            raise SystemExit(f"hilt: {self.force_var}=1 but the {self.kind} cannot be built: {why}")
+        if os.path.exists(self.target):
+            os.remove(self.target)  # never leave a stale library from older sources
+        _record(why, self.status_dir)
+        _say(f"the {self.kind} was NOT built ({why}); {self.fallback}")
+
+    def install(self, built: str, status: str) -> None:
+        tmp = self.target + ".tmp"
+        shutil.copyfile(built, tmp)
+        os.replace(tmp, self.target)
+        _record(status, self.status_dir)
+
+
 def build_cuda_library() -> None:
     """Compile csrc/ into hilt_kernels/cuda/_hilt_cuda.so (once per setup.py process)."""
     if _DONE:
@@ -86,42 +116,29 @@ def build_cuda_library() -> None:
     _DONE.append(True)
     b = _load_build_module()
     target = os.path.join(PKG_CUDA, b.LIB_NAME)
-    force = _truthy("HILT_FORCE_CUDA_BUILD")
-
-    def not_built(why: str) -> None:
-        if force:
-            raise SystemExit(f"hilt: HILT_FORCE_CUDA_BUILD=1 but the CUDA library cannot be built: {why}")
-        if os.path.exists(target):
-            os.remove(target)  # never leave a stale library from older sources
-        _record(why)
-        _say(f"the CUDA backend was NOT built ({why}); installing the pure-Python package "
-             "(reference and triton backends).")
-
-    if _truthy("HILT_SKIP_CUDA_BUILD") and not force:
-        not_built("HILT_SKIP_CUDA_BUILD=1 was set at install time")
+    job = _LibraryBuild("CUDA backend", target, "hilt_cuda", "CUDA",
+                        "installing the pure-Python package (reference and triton backends).")
+    if job.skipped():
         return
     if not b.sources():
-        not_built("csrc/ has no CUDA sources")
+        job.not_built("csrc/ has no CUDA sources")
         return
     if b.find_nvcc() is None:
-        not_built("nvcc was not found at install time (not on PATH, no CUDA_HOME/bin/nvcc)")
+        job.not_built("nvcc was not found at install time (not on PATH, no CUDA_HOME/bin/nvcc)")
         return
     try:
-        archs = b.archs_from_env()
+        b.archs_from_env()
     except ValueError as e:
-        not_built(f"bad arch list: {e}")
+        job.not_built(f"bad arch list: {e}")
         return
     res = b.build(log=_say)
     if not res.ok:
         _say(res.error)
-        not_built("nvcc failed to compile or link csrc/ (the error is printed above)")
+        job.not_built("nvcc failed to compile or link csrc/ (the error is printed above)")
         return
-    tmp = target + ".tmp"
-    shutil.copyfile(res.library, tmp)
-    os.replace(tmp, target)
     archs_s = ", ".join(f"sm_{a}" for a, _ in res.archs)
     dropped = f"; dropped {', '.join(res.dropped)} (not supported by this nvcc)" if res.dropped else ""
-    _record(f"built for {archs_s}{dropped} from {res.library}")
+    job.install(res.library, f"built for {archs_s}{dropped} from {res.library}")
     _say(f"built the CUDA library {target} for {archs_s}{dropped} in {res.seconds:.0f} s "
          f"({len(res.compiled)} source(s) compiled, the rest reused).")
 
@@ -136,28 +153,16 @@ def build_cpu_library() -> None:
     _CPU_DONE.append(True)
     b = _load_build_module(PKG_CPU, "_hilt_cpu_build")
     target = os.path.join(PKG_CPU, b.LIB_NAME)
-    force = _truthy("HILT_FORCE_CPU_BUILD")
-
-    def not_built(why: str) -> None:
-        if force:
-            raise SystemExit(f"hilt: HILT_FORCE_CPU_BUILD=1 but the CPU library cannot be built: {why}")
-        if os.path.exists(target):
-            os.remove(target)  # never leave a stale library from older sources
-        _record(why, "hilt_cpu")
-        _say(f"the CPU library was NOT built ({why}); the fused CPU decoding steps will run as PyTorch ops.")
-
-    if _truthy("HILT_SKIP_CPU_BUILD") and not force:
-        not_built("HILT_SKIP_CPU_BUILD=1 was set at install time")
+    job = _LibraryBuild("CPU library", target, "hilt_cpu", "CPU",
+                        "the fused CPU decoding steps will run as PyTorch ops.")
+    if job.skipped():
         return
     res = b.build(log=_say)
     if not res.ok:
         _say(res.error)
-        not_built("the C++ compiler failed on csrc/cpu/ (the error is printed above)" if res.command else res.error)
+        job.not_built("the C++ compiler failed on csrc/cpu/ (the error is printed above)" if res.command else res.error)
         return
-    tmp = target + ".tmp"
-    shutil.copyfile(res.library, tmp)
-    os.replace(tmp, target)
-    _record(f"built {res.library} with: {res.command}", "hilt_cpu")
+    job.install(res.library, f"built {res.library} with: {res.command}")
     _say(f"built the CPU library {target} in {res.seconds:.1f} s.")
 
 

@@ -11,6 +11,8 @@ import ctypes
 import functools
 import os
 
+from .. import _native
+from .._native import recorded_status
 from ._build import LIB_NAME, find_cxx, repo_root
 
 ABI_VERSION = 1
@@ -36,17 +38,12 @@ def build_status_path() -> str:
     return os.path.join(repo_root(), "build", "hilt_cpu", "status.txt")
 
 
-def _not_built_reason(path: str) -> str:
-    why = None
-    try:
-        with open(build_status_path()) as fh:
-            why = fh.read().strip() or None
-    except OSError:
-        pass
+def _not_built_reason() -> str:
+    why = recorded_status(build_status_path())
     if why is None:
         why = ("no C++ compiler was found, so setup.py could not compile it" if find_cxx() is None
                else "setup.py did not build it; reinstall with `pip install --no-build-isolation -e .`")
-    return f"the CPU library is not built ({path} does not exist): {why}"
+    return why
 
 
 def disabled() -> bool:
@@ -55,29 +52,12 @@ def disabled() -> bool:
 
 def bind(path: str) -> ctypes.CDLL:
     """Load ``path`` and declare every signature; raises OSError / AttributeError / RuntimeError."""
-    lib = ctypes.CDLL(path)
-    for name, (res, args) in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype = res
-        fn.argtypes = args
-    abi = lib.hilt_cpu_abi_version()
-    if abi != ABI_VERSION:
-        raise RuntimeError(f"ABI version {abi} != {ABI_VERSION} expected by this Python package (rebuild it)")
-    return lib
+    return _native.bind(path, SIGNATURES, "hilt_cpu_abi_version", ABI_VERSION)
 
 
 @functools.lru_cache(maxsize=None)
 def _load(path: str) -> tuple[ctypes.CDLL | None, str | None]:
-    if not os.path.isfile(path):
-        return None, _not_built_reason(path)
-    try:
-        return bind(path), None
-    except OSError as e:
-        return None, f"the CPU library {path} failed to load ({e})"
-    except AttributeError as e:
-        return None, f"the CPU library {path} lacks a symbol ({e}); rebuild it"
-    except RuntimeError as e:
-        return None, f"the CPU library {path} is unusable: {e}"
+    return _native.load(path, "the CPU library", bind, _not_built_reason)
 
 
 def load() -> tuple[ctypes.CDLL | None, str | None]:

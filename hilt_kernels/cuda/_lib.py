@@ -10,6 +10,8 @@ import ctypes
 import functools
 import os
 
+from .. import _native
+from .._native import recorded_status
 from ._build import LIB_NAME, repo_root
 
 ABI_VERSION = 1
@@ -63,48 +65,25 @@ def build_status_path() -> str:
     return os.path.join(repo_root(), "build", "hilt_cuda", "status.txt")
 
 
-def _not_built_reason(path: str) -> str:
-    why = None
-    try:
-        with open(build_status_path()) as fh:
-            why = fh.read().strip() or None
-    except OSError:
-        pass
+def _not_built_reason() -> str:
+    why = recorded_status(build_status_path())
     if why is None:
         from ._build import find_nvcc
 
         why = ("nvcc is not on PATH here, so setup.py could not compile it" if find_nvcc() is None
                else "setup.py did not build it; reinstall with `pip install --no-build-isolation -e .`")
-    return f"the CUDA library is not built ({path} does not exist): {why}"
+    return why
 
 
 def bind(path: str) -> ctypes.CDLL:
     """Load ``path`` and declare every signature; raises OSError / AttributeError / RuntimeError."""
-    lib = ctypes.CDLL(path)
-    for name, (res, args) in SIGNATURES.items():
-        fn = getattr(lib, name)  # AttributeError names a missing symbol
-        fn.restype = res
-        fn.argtypes = args
-    abi = lib.hilt_abi_version()
-    if abi != ABI_VERSION:
-        raise RuntimeError(f"ABI version {abi} != {ABI_VERSION} expected by this Python package (rebuild it)")
-    return lib
+    return _native.bind(path, SIGNATURES, "hilt_abi_version", ABI_VERSION)
 
 
 @functools.lru_cache(maxsize=None)
 def load() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why it cannot be loaded)."""
-    path = library_path()
-    if not os.path.isfile(path):
-        return None, _not_built_reason(path)
-    try:
-        return bind(path), None
-    except OSError as e:
-        return None, f"the CUDA library {path} failed to load ({e})"
-    except AttributeError as e:
-        return None, f"the CUDA library {path} lacks a symbol ({e}); rebuild it"
-    except RuntimeError as e:
-        return None, f"the CUDA library {path} is unusable: {e}"
+    return _native.load(library_path(), "the CUDA library", bind, _not_built_reason)
 
 
 def last_error(lib) -> str:

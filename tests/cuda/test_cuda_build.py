@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -170,12 +168,8 @@ ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem, 360 bytes c
 
 
 def test_setup_py_is_torch_free():
-    src = open(os.path.join(ROOT, "setup.py")).read() + open(os.path.join(ROOT, "hilt_kernels", "cuda", "_build.py")).read()
+    from tests.torch_free import run_without_torch
+
+    src = open(os.path.join(ROOT, "setup.py")).read()
     assert not any(line.strip().startswith(("import torch", "from torch")) for line in src.splitlines())
-    # _build.py runs without torch importable
-    code = ("import sys, importlib.util; sys.modules['torch'] = None; "
-            f"spec = importlib.util.spec_from_file_location('b', {os.path.join(ROOT, 'hilt_kernels', 'cuda', '_build.py')!r}); "
-            "m = importlib.util.module_from_spec(spec); sys.modules['b'] = m; spec.loader.exec_module(m); "
-            "print(m.archs_from_env())")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    run_without_torch(os.path.join(ROOT, "hilt_kernels", "cuda", "_build.py"), "m.archs_from_env()")
