@@ -101,7 +101,11 @@ def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParse
     p = argparse.ArgumentParser(prog=prog, description="Continue a prompt with a trained checkpoint (byte-level) "
                                                        "or a Hugging Face model (--hf, its tokenizer).")
     _base_args(p)
-    p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text to continue (default: 'def '); repeat it to continue several prompts in one batch "
+                        "(each keeps its own positions; printed one after another under '=== i ===' lines)")
+    p.add_argument("--prompt-file", metavar="PATH",
+                   help="more prompts, one per line (blank lines skipped), added after any --prompt")
     p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes (default: off)")
@@ -123,9 +127,20 @@ def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParse
 def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate") -> int:
     parser = build_generate_parser(prog)
     args = parser.parse_args(argv)
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as fh:
+                prompts += [line.rstrip("\n") for line in fh if line.strip()]
+        except OSError as e:
+            parser.error(f"--prompt-file: cannot read {args.prompt_file}: {e}")
+    prompts = prompts or ["def "]
     if args.hf is not None:
         from .hf_cli import hf_generate
 
+        if len(prompts) > 1:
+            parser.error("--hf continues one prompt: give one --prompt")
+        args.prompt = prompts[0]
         return _run_hf(args, hf_generate, prog)
     if args.np_weights is not None:
         parser.error("--np-weights needs --hf")
@@ -135,16 +150,19 @@ def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate")
 
     try:
         model = load(args.ckpt, device=_device(args.device, args.threads))
-        prompt = encode(args.prompt)
-        if not prompt:
+        encoded = [encode(p) for p in prompts]
+        if not all(encoded):
             raise ValueError("--prompt must not be empty")
-        ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, use_cache=False if args.no_kv_cache else None,
-                       eos_id=args.eos_id)
+        outs = generate(model, encoded, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, use_cache=False if args.no_kv_cache else None,
+                        eos_id=args.eos_id)
     except (CheckpointError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    sys.stdout.write(args.prompt + decode(ids[len(prompt):].tolist()) + "\n")
+    for i, (text, ids, out) in enumerate(zip(prompts, encoded, outs)):
+        if len(prompts) > 1:
+            sys.stdout.write(f"=== {i + 1} ===\n")
+        sys.stdout.write(text + decode(out[len(ids):].tolist()) + "\n")
     return 0
 
 

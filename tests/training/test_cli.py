@@ -34,6 +34,25 @@ def test_train_eval_generate_smoke(tmp_path, text_dir, capsys):
                  "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("def f") and len(text.encode()) >= len("def f") + 1
+    alone = text
+
+    # several prompts (repeated --prompt and a file): one batch, each output equal to its prompt run alone
+    (tmp_path / "prompts.txt").write_text("class A:\n\nimport os\n")
+    assert main(["generate", "--ckpt", str(out / "checkpoint"), "--prompt", "def f", "--prompt", "x = 1",
+                 "--prompt-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    parts = text.split("=== ")[1:]
+    assert [p.split(" ===\n", 1)[0] for p in parts] == ["1", "2", "3", "4"]
+    bodies = [p.split(" ===\n", 1)[1] for p in parts]
+    assert bodies[0] == alone
+    for body, prompt in zip(bodies, ["def f", "x = 1", "class A:", "import os"]):
+        assert body.startswith(prompt)
+        main(["generate", "--ckpt", str(out / "checkpoint"), "--prompt", prompt, "--max-new-tokens", "5",
+              "--temperature", "0"])
+        assert capsys.readouterr().out == body
+    with pytest.raises(SystemExit):
+        main(["generate", "--ckpt", str(out / "checkpoint"), "--prompt-file", str(tmp_path / "missing.txt")])
+    assert "--prompt-file: cannot read" in capsys.readouterr().err
 
 
 def test_config_file_and_flags(tmp_path, text_dir, capsys):
