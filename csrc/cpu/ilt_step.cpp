@@ -12,7 +12,7 @@
 //           and row 1 gives v_1 + p (v_0 - v_1), p = sigmoid(q_1 . (k_0 - k_1)); non-causal: both rows
 //           so, with p = sigmoid(q_r . (k_0 - k_1))
 //     x_r += y_r W_o + b_o
-//     x_r += gelu(LN2(x_r) W_1 + b_1) W_2 + b_2                  (exact GELU, erf)
+//     x_r += gelu(LN2(x_r) W_1 + b_1) W_2 + b_2                  (exact GELU; erf by erf_poly below)
 //   out = base + scale * (mean_r(x_r) W_out + b_out)   (out = the modulation alone when base is NULL)
 //
 // Tokens are processed in tiles of TILE tokens (2*TILE window rows), so every weight row is read once
@@ -131,6 +131,50 @@ Layout layout(int64_t d, int64_t I, int64_t F, int64_t L) {
 
 inline float sigmoid(float s) { return 1.0f / (1.0f + std::exp(-s)); }
 
+// erf(x) in float without a libm call, so that the GELU loop vectorises (libm's erff is ~4 ns a value
+// and GELU runs on every MLP unit of both window rows): |x| < 1: x P(x^2), P of degree 6; 1 <= |x| < 4: a
+// degree-14 polynomial in |x| - 2.5; |x| >= 4: 1 (erf(4) rounds to 1 in float). Both are least-squares
+// fits on Chebyshev nodes made for this file; evaluated in float, the error is at most 1.3e-7 absolute
+// (2 ulp of 1; libm's: 3e-8) and 1.8e-7 relative for |x| < 1. NaN stays NaN.
+inline float erf_poly(float x) {
+  const float ax = std::fabs(x);
+  const float t = ax * ax;
+  float a = 7.882497199e-05f;
+  a = a * t - 8.018855020e-04f;
+  a = a * t + 5.189311946e-03f;
+  a = a * t - 2.685432880e-02f;
+  a = a * t + 1.128359746e-01f;
+  a = a * t - 3.761262690e-01f;
+  a = a * t + 1.128379166e+00f;
+  a *= ax;
+  const float u = (ax < 4.0f ? ax : 4.0f) - 2.5f;
+  float b = 8.901371531e-07f;
+  b = b * u + 4.985671917e-07f;
+  b = b * u - 1.571927088e-05f;
+  b = b * u + 1.776023737e-05f;
+  b = b * u + 8.110047310e-05f;
+  b = b * u - 2.706181954e-04f;
+  b = b * u + 2.587301170e-04f;
+  b = b * u + 5.603601419e-04f;
+  b = b * u - 2.797554688e-03f;
+  b = b * u + 6.109109628e-03f;
+  b = b * u - 8.622604298e-03f;
+  b = b * u + 8.351769677e-03f;
+  b = b * u - 5.445688652e-03f;
+  b = b * u + 2.178184613e-03f;
+  b = b * u + 9.995930476e-01f;
+  float r = ax < 1.0f ? a : (ax < 4.0f ? b : 1.0f);
+  r = std::copysign(r, x);
+  return x != x ? x : r;
+}
+
+// g = gelu(g) = g/2 (1 + erf(g / sqrt 2)) over n values (exact GELU, erf as above)
+HILT_CLONES
+void gelu_inplace(float* __restrict g, int64_t n) {
+  const float inv_sqrt2 = 0.70710678118654752440f;
+  for (int64_t i = 0; i < n; ++i) g[i] = 0.5f * g[i] * (1.0f + erf_poly(g[i] * inv_sqrt2));
+}
+
 }  // namespace
 
 extern "C" {
@@ -166,7 +210,6 @@ int hilt_ilt_step_f32(const float* prev, const float* cur, const float* base, fl
   float* m = g + R * F;
   float* mod = m + TILE * I;
   const float* eps = w + o.eps;
-  const float inv_sqrt2 = 0.70710678118654752440f;
 
   for (int64_t t0 = 0; t0 < n; t0 += TILE) {
     const int64_t nt = std::min(TILE, n - t0), nr = 2 * nt;
@@ -205,7 +248,7 @@ int hilt_ilt_step_f32(const float* prev, const float* cur, const float* base, fl
       for (int64_t r = 0; r < nr; ++r)
         layer_norm(x + r * I, h + r * I, I, lw + o.ln2_g, lw + o.ln2_b, eps[2 + 2 * l]);
       rows_matmul(nr, I, F, h, I, lw + o.w_1, lw + o.b_1, g, F, false);
-      for (int64_t i = 0; i < nr * F; ++i) g[i] = 0.5f * g[i] * (1.0f + std::erf(g[i] * inv_sqrt2));
+      gelu_inplace(g, nr * F);
       rows_matmul(nr, F, I, g, F, lw + o.w_2, lw + o.b_2, x, I, true);
     }
     for (int64_t t = 0; t < nt; ++t)

@@ -269,3 +269,18 @@ def test_under_address_and_undefined_behaviour_sanitizers(cpu_library, tmp_path)
                           timeout=600)
     assert proc.returncode == 0 and "SANITIZED-OK" in proc.stdout, (proc.returncode, proc.stdout[-2000:],
                                                                     proc.stderr[-6000:])
+
+
+def test_nan_stays_in_its_token(cpu_library):
+    """A NaN in one token's input makes that token's output NaN (as in the forward), and leaves the other
+    tokens of the tile exact: the library's erf and layer norms do not launder NaN into numbers."""
+    ilt = make_ilt(37, 12, 3, 2, 29)
+    packed = cpu_ilt.pack(ilt)
+    prev, cur = torch.randn(5, 37), torch.randn(5, 37)
+    prev[2, 7] = float("nan")
+    with torch.no_grad():
+        ref = ilt(prev[:, None], cur[:, None])[:, 0]
+    got = packed(prev, cur)
+    assert torch.isnan(ref[2]).all() and torch.isnan(got[2]).all()
+    keep = [0, 1, 3, 4]
+    torch.testing.assert_close(got[keep], ref[keep], atol=ATOL, rtol=RTOL)
