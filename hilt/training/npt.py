@@ -27,7 +27,6 @@ reads its own shard of every global batch (:class:`hilt.training.data.BatchSampl
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import random
@@ -52,7 +51,7 @@ from .evaluate import LN2
 from .logging import new_run_dir
 from .npt_parts import (STAGES, CurriculumError, NPTTrainConfig, NPTTrainResult, Stage,
                         csv_fields, kl_teacher_student, npt_loss, parse_curriculum, parse_layer_weights, stage_at)
-from .schedule import WarmupCosine
+from .npt_step import StepLog, make_optimizer, metrics_row, optimize
 
 __all__ = ["STAGES", "Stage", "CurriculumError", "parse_curriculum", "stage_at", "parse_layer_weights",
            "NPTTrainConfig", "NPTScaffold", "npt_loss", "evaluate_fidelity", "make_sampler", "train_npt",
@@ -145,11 +144,7 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
 
     # optimizer over the NP weights only
     params = N.np_parameters(model)
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95))
-    schedule = WarmupCosine(optimizer, cfg.lr, cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
-                            cfg.warmup, max_steps)
+    optimizer, schedule = make_optimizer(params, cfg, max_steps)
     scaffold, _ = wrap_model(NPTScaffold(model), compile=False, ddp=d.enabled, device=device)
 
     # output
@@ -161,8 +156,6 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
         out.mkdir(parents=True, exist_ok=True)
         paths["config"].write_text(json.dumps(dict(asdict(cfg), npt=model.npt_config.to_dict(),
                                                    stages=[asdict(s) for s in stages]), indent=2) + "\n")
-        with open(paths["csv"], "w", newline="") as f:
-            csv.DictWriter(f, fieldnames=fields).writeheader()
 
     log(f"hilt npt-train: {cfg.ckpt} ({model.config.n_layers} layers, d_model {model.config.d_model}); NP layers "
         f"{layers} (np_rank {cfg.np_rank}, num_ranks {cfg.num_ranks}, {cfg.modulate}); {n_train:,} trainable "
@@ -188,11 +181,7 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
     log(f"before: {fmt(before)}")
     history: list[dict] = []
     after = before
-    pbar = None
-    if d.master and cfg.progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=max_steps, desc="npt-train", dynamic_ncols=True)
+    steps_log = StepLog(paths["csv"], fields, max_steps, writes=d.master, progress=cfg.progress, log=log)
     t_start = time.perf_counter()
     scaffold.train()
     try:
@@ -202,50 +191,24 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
             ids, _ = sampler.next_batch()
             out_s = scaffold(ids, stage.attn_ratio, stage.mlp_ratio)
             loss, parts = npt_loss(out_s, weights, cfg)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
-            flags = torch.tensor([float(not torch.isfinite(loss).item()), float(not torch.isfinite(grad_norm).item())],
-                                 device=device)
-            all_reduce(flags, d)
-            bad = bool(flags.sum().item() > 0)
-            if not bad:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, bad = optimize(loss, params, cfg, optimizer, reduce=lambda t: all_reduce(t, d))
             vals = torch.stack([loss.detach(), parts["direct"], parts["kl"], parts["reg"]]).double()
             all_reduce(vals, d)
             vals /= d.world_size
-            row = {"step": step + 1, "stage": stage.name, "attn_ratio": stage.attn_ratio, "mlp_ratio": stage.mlp_ratio,
-                   "lr": lr, "loss": vals[0].item(), "direct": vals[1].item(), "kl": vals[2].item(),
-                   "reg": vals[3].item(), "grad_norm": grad_norm.item(), "skipped": int(bad)}
-            for i, st in out_s.layers.items():
-                row[f"layer{i}_direct"] = st.direct_loss.item()
-                row[f"layer{i}_v_a_norm"] = st.v_a_norm.item()
-                row[f"layer{i}_v_b_norm"] = st.v_b_norm.item()
-                row[f"layer{i}_v_a_attn_cos"] = st.v_a_attn_cos.mean().item()
-                for k, c in enumerate(st.v_a_attn_cos.tolist()):
-                    row[f"layer{i}_v_a_attn_cos_r{k}"] = c
+            row = metrics_row(step + 1, stage, lr, dict(zip(("loss", "direct", "kl", "reg"), vals.tolist())),
+                              grad_norm, bad, out_s.layers)
             is_last = step + 1 == max_steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last:
                 after = run_eval()
                 row.update(val_kl=after["kl"], val_agreement=after["agreement"], val_student_bpb=after["student_bpb"],
                            val_teacher_bpb=after["teacher_bpb"])
-                msg = f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt(after)}"
-                pbar.write(msg) if pbar is not None else log(msg)
+                steps_log.say(f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt(after)}")
                 save(step + 1)
             row["seconds"] = time.perf_counter() - t_start
             history.append(row)
-            if d.master:
-                with open(paths["csv"], "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=fields).writerow(row)
-            if pbar is not None:
-                pbar.update(1)
-                pbar.set_postfix(stage=stage.name, loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.3f}")
+            steps_log.add(row)
     finally:
-        if pbar is not None:
-            pbar.close()
+        steps_log.close()
     seconds = time.perf_counter() - t_start
     if d.master:
         paths["summary"].write_text(json.dumps({"before": before, "after": after, "steps": max_steps,

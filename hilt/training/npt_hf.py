@@ -16,7 +16,6 @@ only, with the base's identity) and ``summary.json`` (before / after, seconds pe
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -40,7 +39,7 @@ from .hf_data import load_token_corpus
 from .logging import new_run_dir
 from .npt_parts import (NPTTrainConfig, NPTTrainResult, csv_fields, npt_loss, parse_curriculum, parse_layer_weights,
                         stage_at)
-from .schedule import WarmupCosine
+from .npt_step import StepLog, make_optimizer, metrics_row, optimize
 
 __all__ = ["HFNPTTrainConfig", "train_npt_hf", "DEFAULT_HF_SEQ_LEN", "fmt_fidelity", "peak_memory_mb"]
 
@@ -122,11 +121,7 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     count_bytes = byte_counter(tok)
 
     params = [p for p in N.np_parameters(model) if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95))
-    schedule = WarmupCosine(optimizer, cfg.lr, cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
-                            cfg.warmup, max_steps)
+    optimizer, schedule = make_optimizer(params, cfg, max_steps)
 
     out = new_run_dir(cfg.out, "npt", Dist())
     paths = {"csv": out / "metrics.csv", "weights": out / "np_weights.safetensors", "summary": out / "summary.json",
@@ -137,8 +132,6 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     paths["config"].write_text(json.dumps(dict(asdict(cfg), npt=model.npt_config.to_dict(), seq_len=seq_len,
                                                base_identity=hm.identity, stages=[asdict(s) for s in stages]),
                                           indent=2) + "\n")
-    with open(paths["csv"], "w", newline="") as f:
-        csv.DictWriter(f, fieldnames=fields).writeheader()
 
     c = model.config
     n_base = sum(p.numel() for n, p in model.named_parameters() if ".np." not in f".{n}")
@@ -170,11 +163,7 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
     log(f"before: {fmt_fidelity(before)}")
     history: list[dict] = []
     after = before
-    pbar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=max_steps, desc="npt-train", dynamic_ncols=True)
+    steps_log = StepLog(paths["csv"], fields, max_steps, writes=True, progress=cfg.progress, log=log)
     t_start = time.perf_counter()
     model.train()
     try:
@@ -185,25 +174,9 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
             out_s = hf_scaffolded_forward(model, ids, stage.attn_ratio, stage.mlp_ratio, cfg.grad_checkpoint)
             out_s.layers = {i: out_s.layers[i] for i in layers}  # the direct loss of the layers being trained
             loss, parts = npt_loss(out_s, weights, cfg)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
-            bad = not (torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())
-            if not bad:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            row = {"step": step + 1, "stage": stage.name, "attn_ratio": stage.attn_ratio, "mlp_ratio": stage.mlp_ratio,
-                   "lr": lr, "loss": loss.item(), "direct": parts["direct"].item(), "kl": parts["kl"].item(),
-                   "reg": parts["reg"].item(), "grad_norm": grad_norm.item(), "skipped": int(bad)}
-            for i, st in out_s.layers.items():
-                row[f"layer{i}_direct"] = st.direct_loss.item()
-                row[f"layer{i}_v_a_norm"] = st.v_a_norm.item()
-                row[f"layer{i}_v_b_norm"] = st.v_b_norm.item()
-                row[f"layer{i}_v_a_attn_cos"] = st.v_a_attn_cos.mean().item()
-                for k, cval in enumerate(st.v_a_attn_cos.tolist()):
-                    row[f"layer{i}_v_a_attn_cos_r{k}"] = cval
+            grad_norm, bad = optimize(loss, params, cfg, optimizer)
+            losses = {"loss": loss.item(), **{k: parts[k].item() for k in ("direct", "kl", "reg")}}
+            row = metrics_row(step + 1, stage, lr, losses, grad_norm, bad, out_s.layers)
             del out_s, loss
             is_last = step + 1 == max_steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last:
@@ -212,19 +185,13 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
                 row.update(val_kl=after["kl"], val_agreement=after["agreement"], val_student_bpb=after["student_bpb"],
                            val_teacher_bpb=after["teacher_bpb"], val_student_nats=after["student_nats"],
                            val_teacher_nats=after["teacher_nats"])
-                msg = f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt_fidelity(after)}"
-                pbar.write(msg) if pbar is not None else log(msg)
+                steps_log.say(f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt_fidelity(after)}")
                 save(step + 1)
             row["seconds"] = time.perf_counter() - t_start
             history.append(row)
-            with open(paths["csv"], "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=fields).writerow(row)
-            if pbar is not None:
-                pbar.update(1)
-                pbar.set_postfix(stage=stage.name, loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.3f}")
+            steps_log.add(row)
     finally:
-        if pbar is not None:
-            pbar.close()
+        steps_log.close()
     seconds = time.perf_counter() - t_start
     train_seconds = seconds - eval_seconds[0]
     summary = {"before": before, "after": after, "kl_ratio": before["kl"] / max(after["kl"], 1e-12),
