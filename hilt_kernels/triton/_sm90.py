@@ -7,8 +7,9 @@ target=GPUTarget("cuda", 90, 32))`` builds PTX and cubin, and the bundled ptxas 
 registers and spill bytes; the shared memory comes from the compiled metadata.
 
 Needs the real JIT: import this with ``TRITON_INTERPRET`` unset (the tests run it in a subprocess).
-Written for triton 3.6 (the GPU image's version; the JIT internals used here change between
-releases). Run ``python -m hilt_kernels.triton._sm90 [--full]`` for the table.
+Tested with triton 3.6 (the GPU image's version) and 3.9 (the newest; CI runs it under both): the JIT
+internals used here (``create_function_from_signature``, ``JITFunction._pack_args``) may change in other
+releases. Run ``python -m hilt_kernels.triton._sm90 [--full]`` for the table.
 """
 
 from __future__ import annotations
