@@ -138,9 +138,7 @@ def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate")
     if args.hf is not None:
         from .hf_cli import hf_generate
 
-        if len(prompts) > 1:
-            parser.error("--hf continues one prompt: give one --prompt")
-        args.prompt = prompts[0]
+        args.prompts, args.prompt = prompts, prompts[0]
         return _run_hf(args, hf_generate, prog)
     if args.np_weights is not None:
         parser.error("--np-weights needs --hf")

@@ -77,15 +77,20 @@ def hf_eval(args, device: str, prog: str = "hilt eval") -> int:
 def hf_generate(args, device: str, prog: str = "hilt generate") -> Optional[int]:
     hm, layers = _load(args, device)
     model, tok = hm.model, hm.tokenizer
-    if not args.prompt:
+    prompts = list(getattr(args, "prompts", None) or [args.prompt])
+    if not all(prompts):
         raise ValueError("--prompt must not be empty")
-    enc = tok(args.prompt, return_tensors="pt", add_special_tokens=False)
-    ids = enc["input_ids"].to(next(model.parameters()).device)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # several prompts: one left-padded batch (the attention mask gives each row its own positions)
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    T = max(len(r) for r in rows)
+    dev = next(model.parameters()).device
+    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], device=dev)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=dev)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     kw = {"do_sample": sample, "max_new_tokens": args.max_new_tokens, "use_cache": not args.no_kv_cache,
-          "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-          "attention_mask": torch.ones_like(ids)}
+          "pad_token_id": pad_id, "attention_mask": mask}
     if getattr(args, "eos_id", None) is not None:  # with --hf a token id of the model's tokenizer
         kw["eos_token_id"] = args.eos_id
     if sample:
@@ -94,5 +99,8 @@ def hf_generate(args, device: str, prog: str = "hilt generate") -> Optional[int]
         kw.update(temperature=None, top_k=None, top_p=None)
     with torch.no_grad():
         out = model.generate(ids, **kw)
-    sys.stdout.write(args.prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n")
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            sys.stdout.write(f"=== {i + 1} ===\n")
+        sys.stdout.write(prompt + tok.decode(out[i, T:], skip_special_tokens=True) + "\n")
     return 0

@@ -117,6 +117,17 @@ def test_generate_hf_with_np_weights_and_kv_cache(trained, tiny_dir, capsys):
     assert main(args + ["--no-kv-cache"]) == 0
     assert capsys.readouterr().out == cached and cached.startswith("def f1(x):")
     assert main(["generate", "--hf", str(tiny_dir), "--prompt", "def", "--max-new-tokens", "5", "--threads", "1"]) == 0
+    capsys.readouterr()
+    # several prompts of different lengths: one left-padded batch, each equal to its prompt alone
+    prompts = ["def f1(x):", "import", "class A(object):"]
+    batch = args[:args.index("--prompt")] + sum((["--prompt", p] for p in prompts), []) + args[args.index("--prompt") + 2:]
+    assert main(batch) == 0
+    parts = capsys.readouterr().out.split("=== ")[1:]
+    assert [p.split(" ===\n", 1)[0] for p in parts] == ["1", "2", "3"]
+    for body, prompt in zip(parts, prompts):
+        alone = args[:args.index("--prompt") + 1] + [prompt] + args[args.index("--prompt") + 2:]
+        assert main(alone) == 0
+        assert body.split(" ===\n", 1)[1] == capsys.readouterr().out
 
 
 def test_npt_generation_with_the_hf_kv_cache_equals_recomputing(tiny_dir):
