@@ -45,14 +45,67 @@ constexpr int64_t JB = 64;    // output columns per chunk of a matmul
 #define HILT_CLONES
 #endif
 
+#if defined(__GNUC__)
+// Register-blocked tile: Y[r, 0:16] (+)= X[r, :] @ W[:, 0:16] (+ bias) for r < RB, with the 16 columns as two
+// 8-float vectors per row held in registers across the whole K loop (GCC/clang vector extensions: AVX2/AVX-512
+// registers in those clones, SSE pairs in the baseline one). W, Y and bias point at the tile's first column.
+typedef float v8f __attribute__((vector_size(32)));
+
+template <int RB>
+__attribute__((always_inline)) inline void tile16(int64_t K, const float* __restrict X, int64_t ldx,
+                                                  const float* __restrict W, int64_t M,
+                                                  const float* __restrict bias, float* __restrict Y, int64_t ldy,
+                                                  bool accumulate) {
+  v8f acc[RB][2];
+  for (int r = 0; r < RB; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      v8f b{}, y{};
+      if (bias) std::memcpy(&b, bias + 8 * h, sizeof(v8f));
+      if (accumulate) std::memcpy(&y, Y + r * ldy + 8 * h, sizeof(v8f));
+      acc[r][h] = accumulate ? y + b : b;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    v8f w0, w1;
+    std::memcpy(&w0, W + k * M, sizeof(v8f));
+    std::memcpy(&w1, W + k * M + 8, sizeof(v8f));
+    for (int r = 0; r < RB; ++r) {
+      const v8f a = v8f{} + X[r * ldx + k];
+      acc[r][0] += a * w0;
+      acc[r][1] += a * w1;
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int h = 0; h < 2; ++h) std::memcpy(Y + r * ldy + 8 * h, &acc[r][h], sizeof(v8f));
+}
+#endif
+
 // Y[r, :] (+)= X[r, :] @ W + bias for r < R.  X (R, K) with row stride ldx, W (K, M) row-major,
 // Y (R, M) with row stride ldy; bias (M) or NULL; accumulate: add to Y instead of overwriting it.
+// Every output starts from (Y +) bias and adds the K products in order.
 HILT_CLONES
 void rows_matmul(int64_t R, int64_t K, int64_t M, const float* __restrict X, int64_t ldx,
                  const float* __restrict W, const float* __restrict bias, float* __restrict Y,
                  int64_t ldy, bool accumulate) {
+  int64_t j0 = 0;
+#if defined(__GNUC__)
+  for (; j0 + 16 <= M; j0 += 16) {  // 16-column tiles, 4 rows at a time
+    const float* bj = bias ? bias + j0 : nullptr;
+    int64_t r0 = 0;
+    for (; r0 + 4 <= R; r0 += 4)
+      tile16<4>(K, X + r0 * ldx, ldx, W + j0, M, bj, Y + r0 * ldy + j0, ldy, accumulate);
+    switch (R - r0) {
+      case 3: tile16<3>(K, X + r0 * ldx, ldx, W + j0, M, bj, Y + r0 * ldy + j0, ldy, accumulate); break;
+      case 2: tile16<2>(K, X + r0 * ldx, ldx, W + j0, M, bj, Y + r0 * ldy + j0, ldy, accumulate); break;
+      case 1: tile16<1>(K, X + r0 * ldx, ldx, W + j0, M, bj, Y + r0 * ldy + j0, ldy, accumulate); break;
+      default: break;
+    }
+  }
+#endif
+  if (j0 == M) return;
+  // the last M - j0 (< 16 with the tiles) columns
   float acc[2 * TILE][JB];
-  for (int64_t j0 = 0; j0 < M; j0 += JB) {
+  for (; j0 < M; j0 += JB) {
     const int64_t jn = std::min(JB, M - j0);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t j = 0; j < jn; ++j) {
@@ -60,21 +113,11 @@ void rows_matmul(int64_t R, int64_t K, int64_t M, const float* __restrict X, int
         acc[r][j] = accumulate ? Y[r * ldy + j0 + j] + a : a;
       }
     }
-    if (jn == JB) {  // full chunk: a constant trip count the compiler unrolls and vectorises
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict w = W + k * M + j0;
-        for (int64_t r = 0; r < R; ++r) {
-          const float a = X[r * ldx + k];
-          for (int64_t j = 0; j < JB; ++j) acc[r][j] += a * w[j];
-        }
-      }
-    } else {
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict w = W + k * M + j0;
-        for (int64_t r = 0; r < R; ++r) {
-          const float a = X[r * ldx + k];
-          for (int64_t j = 0; j < jn; ++j) acc[r][j] += a * w[j];
-        }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict w = W + k * M + j0;
+      for (int64_t r = 0; r < R; ++r) {
+        const float a = X[r * ldx + k];
+        for (int64_t j = 0; j < jn; ++j) acc[r][j] += a * w[j];
       }
     }
     for (int64_t r = 0; r < R; ++r)

@@ -96,16 +96,16 @@ class InterLayerTransformer(nn.Module):
         ``prev``, ``cur`` (B, T, d_model). Under ``torch.no_grad`` (with ``fused``, the dtype of the
         parameters) it runs on packed weights (``weights`` from :meth:`step_weights`; packed here when not
         given, which is slow: pass them when stepping repeatedly). fp32 CPU calls of at most
-        :data:`hilt_kernels.cpu.ilt_step.MAX_TOKENS` tokens run the whole ILT in one call of the CPU
-        library (``csrc/cpu/ilt_step.cpp``; ``HILT_CPU_KERNELS=0`` turns it off); otherwise the window is
-        two row blocks, (2·B·T,
-        ilt_dim): the ``prev`` rows, then the ``cur`` rows, and each window layer is 12 ops writing into
-        reused buffers: layer norm; one qkv matmul for both rows; ``k0 - k1`` and ``v0 - v1`` in one
-        subtraction; the per-head scores ``q . (k0 - k1)`` as one batched matmul, only for the current row
-        when causal (the previous row attends to itself: its weight stays 1), and a sigmoid (the softmax
-        over two scores is ``sigmoid(s0 - s1)``); ``v1 + p (v0 - v1)`` for both rows in one op; the output
-        projection added to the residual in place; layer norm, the first MLP matmul, an ``erf`` and an
-        ``addcmul`` (GELU), the second MLP matmul added in place (both biases come out of their matmuls).
+        :func:`hilt_kernels.cpu.ilt_step.max_tokens` tokens (16 with one thread) run the whole ILT in one
+        call of the CPU library (``csrc/cpu/ilt_step.cpp``; ``HILT_CPU_KERNELS=0`` turns it off); otherwise
+        the window is two row blocks, (2·B·T, ilt_dim): the ``prev`` rows, then the ``cur`` rows, and each
+        window layer is 12 ops writing into reused buffers: layer norm; one qkv matmul for both rows;
+        ``k0 - k1`` and ``v0 - v1`` in one subtraction; the per-head scores ``q . (k0 - k1)`` as one batched
+        matmul, only for the current row when causal (the previous row attends to itself: its weight stays
+        1), and a sigmoid (the softmax over two scores is ``sigmoid(s0 - s1)``); ``v1 + p (v0 - v1)`` for
+        both rows in one op; the output projection added to the residual in place; layer norm, the first MLP
+        matmul, an ``erf`` and an ``addcmul`` (GELU), the second MLP matmul added in place (both biases come
+        out of their matmuls).
         With gradients enabled or ``fused=False``: the functional per-module path (autograd). Returns the
         modulation (B, T, d_model), or, with ``out`` and ``scale``, ``out + scale · modulation``.
         """

@@ -3,9 +3,11 @@
 HILT runs one ILT per layer boundary for every decoded token. Through PyTorch that is ~30 ops of a few
 hundred nanoseconds of arithmetic and ~2 us of dispatch each; the library runs the whole ILT in one call.
 :class:`PackedILT` packs an ILT's weights once (fp32, on the CPU) and runs
-``base + scale * ILT(prev, cur)`` for up to :data:`MAX_TOKENS` tokens per call: beyond that, PyTorch's
-BLAS is faster (``benchmarks/bench_small_ops.py --ilt-step`` measures the crossover) and
-:meth:`hilt.nn.InterLayerTransformer.step` sends the call there.
+``base + scale * ILT(prev, cur)`` for up to :func:`max_tokens` tokens per call (:data:`MAX_TOKENS` divided by
+PyTorch's thread count); beyond that :meth:`hilt.nn.InterLayerTransformer.step` runs it as PyTorch ops, whose
+BLAS catches up with the library's single thread on larger calls: on the development CPU, with 1 thread, at
+~64 tokens for d_model 216 / ilt_dim 104 and beyond 256 for d_model 128 / ilt_dim 64; with 2 threads at ~16 and
+~32 (``python benchmarks/bench_ilt_step.py [--threads N]``, results in benchmarks/results/ilt_step_cpu*.md).
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from torch import Tensor
 
 from . import _lib
 
-__all__ = ["MAX_TOKENS", "PackedILT", "pack", "unavailable_reason"]
+__all__ = ["MAX_TOKENS", "PackedILT", "max_tokens", "pack", "unavailable_reason"]
 
-MAX_TOKENS = 8
-"""Most tokens (rows of ``prev``) per call that go to the library; more go through PyTorch ops."""
+MAX_TOKENS = 16
+"""Most tokens (rows of ``prev``) per call that go to the library when PyTorch runs one thread."""
+
+
+def max_tokens() -> int:
+    """Tokens per call that go to the library: ``MAX_TOKENS // torch.get_num_threads()`` (at least 1), since
+    the library runs on one thread and PyTorch's BLAS on all of them."""
+    return max(1, MAX_TOKENS // torch.get_num_threads())
 
 
 def unavailable_reason(ilt) -> Optional[str]:
@@ -60,13 +68,14 @@ class PackedILT:
         if self.weights.numel() != want:  # the Python and C layouts must agree
             raise RuntimeError(f"packed {self.weights.numel()} floats, the library expects {want} (rebuild it)")
         self._args = (self.weights.data_ptr(), d, I, self.H, F, L, int(self.causal))
-        self.max_tokens = MAX_TOKENS  # per call; the library itself takes any number (tests raise it)
+        self.max_tokens: Optional[int] = None  # per call (None: max_tokens()); the library takes any number
 
     def accepts(self, prev: Tensor, cur: Tensor, base: Optional[Tensor]) -> bool:
-        """True when (prev, cur, base) can run here: fp32 CPU, contiguous, (..., d), at most ``max_tokens``
-        (:data:`MAX_TOKENS`) rows."""
+        """True when (prev, cur, base) can run here: fp32 CPU, contiguous, (..., d), at most ``self.max_tokens``
+        (default: :func:`max_tokens`) rows."""
+        limit = self.max_tokens if self.max_tokens is not None else max_tokens()
         return (prev.dtype == torch.float32 and prev.is_cpu and cur.dtype == torch.float32 and cur.is_cpu
-                and prev.shape == cur.shape and prev.shape[-1] == self.d and prev.numel() <= self.max_tokens * self.d
+                and prev.shape == cur.shape and prev.shape[-1] == self.d and prev.numel() <= limit * self.d
                 and prev.is_contiguous() and cur.is_contiguous()
                 and (base is None or (base.dtype == torch.float32 and base.is_cpu and base.shape == cur.shape
                                       and base.is_contiguous())))
@@ -79,7 +88,8 @@ class PackedILT:
         if not self.accepts(prev, cur, base):
             raise ValueError(
                 f"prev, cur (and base) must be contiguous fp32 CPU tensors of one shape (..., {self.d}) with at "
-                f"most {self.max_tokens} rows; got prev {tuple(prev.shape)} {prev.dtype} {prev.device}, cur "
+                f"most {self.max_tokens or max_tokens()} rows; got prev {tuple(prev.shape)} {prev.dtype} "
+                f"{prev.device}, cur "
                 f"{tuple(cur.shape)} {cur.dtype} {cur.device}"
                 + ("" if base is None else f", base {tuple(base.shape)} {base.dtype} {base.device}"))
         if scale is not None and not (isinstance(scale, Tensor) and scale.dtype == torch.float32

@@ -61,11 +61,12 @@ def test_fused_step_matches_forward(cpu_library, shape, causal, bias):
     ilt = make_ilt(*shape, causal=causal, bias=bias)
     packed = cpu_ilt.pack(ilt)
     assert packed is not None, cpu_ilt.unavailable_reason(ilt)
+    packed.max_tokens = 16
     ilt64 = copy.deepcopy(ilt).double()
     d = shape[0]
     scale = torch.tensor(0.37)
     with torch.no_grad():
-        for lead in [(1, 1), (1, 3), (2, 4), (8,)]:  # 1..8 tokens
+        for lead in [(1, 1), (1, 3), (2, 4), (8,), (2, 8)]:  # 1..16 tokens
             prev, cur = torch.randn(*lead, d), torch.randn(*lead, d)
             ref32 = ilt(prev.reshape(-1, 1, d), cur.reshape(-1, 1, d)).reshape(*lead, d)
             ref64 = ilt64(prev.reshape(-1, 1, d).double(), cur.reshape(-1, 1, d).double()).reshape(*lead, d)
@@ -125,7 +126,7 @@ def test_packed_call_rejects_what_it_cannot_run(cpu_library):
     assert packed.accepts(x, x, x)
     cases = {"fp64": (x.double(), x.double(), None), "wrong width": (torch.randn(3, 15),) * 2 + (None,),
              "shape mismatch": (x, torch.randn(4, 16), None), "non-contiguous": (x.t().contiguous().t(), x, None),
-             "too many rows": (torch.randn(9, 16), torch.randn(9, 16), None),
+             "too many rows": (torch.randn(cpu_ilt.max_tokens() + 1, 16),) * 2 + (None,),
              "base mismatch": (x, x, torch.randn(2, 16))}
     for name, (p, c, b) in cases.items():
         assert not packed.accepts(p, c, b), name
@@ -175,12 +176,12 @@ def test_module_step_takes_the_library_exactly_when_it_can(cpu_library, monkeypa
     scale = torch.tensor(0.3, dtype=dtype)
     tol = dict(atol=ATOL, rtol=RTOL) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
     expect = 0
-    for lead in [(1, 1), (2, 4), (3, 3), (1, 1)]:
+    for lead in [(1, 1), (2, 4), (3, 6), (1, 1)]:  # 18 tokens > MAX_TOKENS
         prev, cur = torch.randn(*lead, 40, dtype=dtype), torch.randn(*lead, 40, dtype=dtype)
         with torch.no_grad():
             ref = ilt(prev, cur)
             torch.testing.assert_close(ilt.step(prev, cur, out=cur, scale=scale, weights=w), cur + 0.3 * ref, **tol)
-        expect += dtype == torch.float32 and prev.numel() // 40 <= cpu_ilt.MAX_TOKENS
+        expect += dtype == torch.float32 and prev.numel() // 40 <= cpu_ilt.max_tokens()
         assert len(calls) == expect, lead
         out = ilt.step(prev, cur, weights=w)  # gradients enabled: the autograd path
         assert out.requires_grad and len(calls) == expect
@@ -284,3 +285,13 @@ def test_nan_stays_in_its_token(cpu_library):
     assert torch.isnan(ref[2]).all() and torch.isnan(got[2]).all()
     keep = [0, 1, 3, 4]
     torch.testing.assert_close(got[keep], ref[keep], atol=ATOL, rtol=RTOL)
+
+
+def test_tokens_per_call_follow_the_thread_count(cpu_library, monkeypatch):
+    """The library runs one thread: with more PyTorch threads, fewer tokens per call go to it."""
+    packed = cpu_ilt.pack(make_ilt(16, 8, 2, 1, None))
+    for threads, limit in [(1, cpu_ilt.MAX_TOKENS), (2, cpu_ilt.MAX_TOKENS // 2), (64, 1)]:
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert cpu_ilt.max_tokens() == limit
+        assert packed.accepts(*(torch.randn(limit, 16),) * 2, None)
+        assert not packed.accepts(*(torch.randn(limit + 1, 16),) * 2, None)
