@@ -161,3 +161,18 @@ def test_block_model_keeps_grouping_by_length(monkeypatch):
     sizes = _count_batches(monkeypatch, m)
     generate(m, prompts, 3, temperature=0)
     assert {s[0] for s in sizes} == {1}  # four different lengths: four batches of one
+
+
+@pytest.mark.parametrize("name", ["gpt-learned", "hilt"])
+def test_eos_rows_across_the_switch_to_grouped_decoding(name):
+    """eos_id with a generation long enough that the rows still running continue grouped after the batched
+    phase: every row equals its prompt generated alone with the same eos_id."""
+    m = MODELS[name]()
+    prompts = [r.tolist() for r in _rows(4)]
+    free = [generate(m, p, 24, temperature=0).tolist() for p in prompts]
+    n0 = len(prompts[0])
+    eos = free[0][n0 + 2]  # row 0 stops early (in the batched phase); others may or may not emit it
+    out = generate(m, prompts, 24, temperature=0, eos_id=eos)
+    for p, o in zip(prompts, out):
+        assert o.tolist() == generate(m, p, 24, temperature=0, eos_id=eos).tolist()
+    assert len(out[0]) <= n0 + 3
