@@ -47,7 +47,8 @@ def hf_eval(args, device: str, prog: str = "hilt eval") -> int:
     from .hf_scaffold import byte_counter, hf_fidelity
     from .training.data import eval_batches
     from .training.hf_data import load_token_corpus
-    from .training.npt_hf import DEFAULT_HF_SEQ_LEN, fmt_fidelity
+    from .training.npt_hf import DEFAULT_HF_SEQ_LEN
+    from .training.npt_step import fmt_fidelity
 
     hm, layers = _load(args, device)
     model = hm.model

@@ -136,12 +136,9 @@ class GPT(nn.Module):
         with its own forward (e.g. LFormer's blend) does not get a cache unless it overrides this."""
         return type(self).forward is GPT.forward
 
-    @property
-    def supports_ragged_cache(self) -> bool:
-        """True with a KV cache: :meth:`forward_step` takes left-padded rows with their own positions
-        (:meth:`~hilt.nn.attention.KVCache.set_left_padding`), so ``generate`` decodes prompts of different
-        lengths in one batch."""
-        return self.supports_kv_cache
+    # forward_step takes left-padded rows with their own positions (KVCache.set_left_padding), so generate()
+    # decodes prompts of different lengths in one batch (hilt.generate.supports_ragged_cache also needs a cache)
+    supports_ragged_cache = True
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
         """An empty :class:`~hilt.nn.attention.KVCache` for ``batch_size`` sequences of at most
@@ -161,6 +158,15 @@ class GPT(nn.Module):
             h = layer.forward_cached(h, cache.k[i], cache.v[i], pos, ragged)
         return h
 
+    def _embed_step(self, ids: Tensor, cache: KVCache, start_pos: Optional[int]):
+        """The input of a cached step: (h_0 of ``ids`` at their positions, start slot, RaggedStep or None)."""
+        pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
+        ragged = cache.ragged_step(pos, ids.shape[1])
+        h = self.tok_emb(ids)
+        if self.pos_enc is not None:
+            h = self.pos_enc(h, offset=pos if ragged is None else ragged.positions)
+        return self.drop(h), pos, ragged
+
     def forward_step(self, ids: Tensor, cache: KVCache, start_pos: Optional[int] = None) -> ModelOutput:
         """Logits (B, T, vocab) of ``ids`` (B, T) placed at positions ``start_pos .. start_pos+T-1``
         (default ``cache.length``: right after the cached tokens), attending to the cached tokens
@@ -171,14 +177,9 @@ class GPT(nn.Module):
         slots, and each row's tokens get their own positions and never attend to its padding."""
         if not self.supports_kv_cache:
             raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding path")
-        pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
-        T = ids.shape[1]
-        ragged = cache.ragged_step(pos, T)
-        h = self.tok_emb(ids)
-        if self.pos_enc is not None:
-            h = self.pos_enc(h, offset=pos if ragged is None else ragged.positions)
-        h = self._step_layers(self.drop(h), cache, pos, ragged)
-        cache.length = pos + T
+        h, pos, ragged = self._embed_step(ids, cache, start_pos)
+        h = self._step_layers(h, cache, pos, ragged)
+        cache.length = pos + ids.shape[1]
         return ModelOutput(logits=self.head(h))
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from hilt.nn.attention import _check_heads
 
 from .config import GPTConfig, _bool, _float, _int, _prob
 from .gpt import GPT
-from .output import check_step, IGNORE_INDEX, ModelOutput, check_ids, classification_loss, init_weights, lm_loss
+from .output import IGNORE_INDEX, ModelOutput, classification_loss, init_weights, lm_loss
 
 __all__ = ["LFormerConfig", "LFormer", "LFormerOutput", "TapProjector", "PlanDecoder",
            "TAP_MODES", "POOLINGS", "AGGREGATORS"]
@@ -566,16 +566,11 @@ class LFormer(GPT):
         each new token's taps, φ, the depth aggregator and the blend gate run on that token only."""
         if self.blend_gate is None:
             return super().forward_step(ids, cache, start_pos)
-        pos = check_step(ids, cache, start_pos, self.config.max_seq_len)
-        T = ids.shape[1]
-        ragged = cache.ragged_step(pos, T)
-        h = self.tok_emb(ids)
-        if self.pos_enc is not None:
-            h = self.pos_enc(h, offset=pos if ragged is None else ragged.positions)
-        hidden = [self.drop(h)]
+        h, pos, ragged = self._embed_step(ids, cache, start_pos)
+        hidden = [h]
         for i, layer in enumerate(self.layers):
             hidden.append(layer.forward_cached(hidden[-1], cache.k[i], cache.v[i], pos, ragged))
-        cache.length = pos + T
+        cache.length = pos + ids.shape[1]
         final = self.side_states(hidden)[-1]  # token-wise: (B, T, d_side), per token
         x = self.norm_f(hidden[-1])
         x = x + self.blend_gate.to(x.dtype) * self.blend_proj(final).to(x.dtype)

@@ -294,12 +294,9 @@ class Llama(nn.Module):
         """True when every layer has a cached path (LlamaLayer, and NPTLayer in either mode)."""
         return all(hasattr(layer, "forward_cached") for layer in self.layers)
 
-    @property
-    def supports_ragged_cache(self) -> bool:
-        """True with a KV cache: :meth:`forward_step` takes left-padded rows with their own positions
-        (:meth:`~hilt.nn.attention.KVCache.set_left_padding`), so ``generate`` decodes prompts of different
-        lengths in one batch."""
-        return self.supports_kv_cache
+    # forward_step takes left-padded rows with their own positions (KVCache.set_left_padding), so generate()
+    # decodes prompts of different lengths in one batch (hilt.generate.supports_ragged_cache also needs a cache)
+    supports_ragged_cache = True
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None):
         """An empty :class:`~hilt.nn.attention.KVCache` with ``n_kv_heads`` heads per layer for ``batch_size``

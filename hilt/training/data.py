@@ -46,7 +46,7 @@ __all__ = [
 VOCAB_SIZE = 256
 VAL_FRACTION = 0.05
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
-CACHE_FORMAT = 1  # bump when the cached layout or the corpus rules change
+CACHE_FORMAT = 2  # bump when the cached layout or the corpus rules change (2: meta holds dtype and item counts)
 
 
 class CorpusError(ValueError):
@@ -192,52 +192,59 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _load_cached(entry: Path, key: str) -> Optional[Corpus]:
-    meta_path = entry / "meta.json"
+def read_cache_entry(entry: Path, key: str, fmt: int) -> Optional[Corpus]:
+    """The corpus stored in cache folder ``entry`` (``{train,val}.bin`` memory-mapped, ``meta.json``), or None
+    when it is missing, incomplete, or holds another ``key`` / cache format ``fmt``."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads((entry / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+    if meta.get("format") != fmt or meta.get("key") != key:
         return None
+    dt = np.dtype(meta["dtype"])
     arrays = []
     for split in ("train", "val"):
-        p = entry / f"{split}.bin"
-        if not p.is_file() or p.stat().st_size != meta[f"{split}_bytes"]:
+        p, n = entry / f"{split}.bin", meta[f"{split}_items"]
+        if not p.is_file() or p.stat().st_size != n * dt.itemsize:
             return None
-        arrays.append(np.memmap(p, dtype=np.uint8, mode="r") if meta[f"{split}_bytes"]
-                      else np.zeros(0, dtype=np.uint8))
-    info = dict(meta["info"], cache=str(entry), cached=True)
-    return Corpus(arrays[0], arrays[1], info)
+        arrays.append(np.memmap(p, dtype=dt, mode="r") if n else np.zeros(0, dtype=dt))
+    return Corpus(arrays[0], arrays[1], dict(meta["info"], cache=str(entry), cached=True))
 
 
-def _write_cache(entry: Path, key: str, train: bytes, val: bytes, info: dict) -> Optional[Path]:
-    """Write the cache entry atomically (temp folder + rename). Returns None when it cannot be written."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-        _fsync_write(tmp / "train.bin", train)
-        _fsync_write(tmp / "val.bin", val)
-        meta = {"format": CACHE_FORMAT, "key": key, "train_bytes": len(train), "val_bytes": len(val),
-                "info": info}
-        _fsync_write(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+def store_corpus(entry: Path, key: str, fmt: int, train: np.ndarray, val: np.ndarray, info: dict,
+                 use_cache: bool) -> Corpus:
+    """The corpus of ``train`` / ``val`` (1-D arrays of one dtype), written atomically as cache folder ``entry``
+    (temp folder + rename; a stale entry is replaced) and memory-mapped from it (``info["cached"]`` False:
+    built this time); in memory when ``use_cache`` is off or the folder cannot be written (with a warning)."""
+    if use_cache:
         try:
-            os.replace(tmp, entry)
-        except OSError:  # another process wrote the same entry first (or a stale one is there)
-            if entry.exists():
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+            _fsync_write(tmp / "train.bin", train.tobytes())
+            _fsync_write(tmp / "val.bin", val.tobytes())
+            meta = {"format": fmt, "key": key, "dtype": train.dtype.name, "train_items": len(train),
+                    "val_items": len(val), "info": info}
+            _fsync_write(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process wrote the same entry first (or a stale one is there)
                 import shutil
-                stale = entry.with_name(f".{entry.name}.stale-{os.getpid()}")
-                try:
-                    os.replace(entry, stale)
-                    os.replace(tmp, entry)
-                    shutil.rmtree(stale, ignore_errors=True)
-                except OSError:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        return entry
-    except OSError as e:
-        warnings.warn(f"hilt: cannot write the token cache under {entry.parent} ({e}); using memory only",
-                      stacklevel=3)
-        return None
+                if entry.exists():
+                    stale = entry.with_name(f".{entry.name}.stale-{os.getpid()}")
+                    try:
+                        os.replace(entry, stale)
+                        os.replace(tmp, entry)
+                        shutil.rmtree(stale, ignore_errors=True)
+                    except OSError:
+                        shutil.rmtree(tmp, ignore_errors=True)
+            corpus = read_cache_entry(entry, key, fmt)
+            if corpus is not None:
+                corpus.info["cached"] = False  # built this time
+                return corpus
+        except OSError as e:
+            warnings.warn(f"hilt: cannot write the token cache under {entry.parent} ({e}); using memory only",
+                          stacklevel=3)
+    return Corpus(train, val, dict(info, cache=None, cached=False))
 
 
 def load_corpus(data: Optional[Union[str, os.PathLike]] = None, *, use_cache: bool = True,
@@ -276,7 +283,7 @@ def load_corpus(data: Optional[Union[str, os.PathLike]] = None, *, use_cache: bo
     key = _fingerprint(source, files, single_file)
     entry = (Path(cache) if cache is not None else cache_dir()) / f"corpus-{key[:24]}"
     if use_cache:
-        hit = _load_cached(entry, key)
+        hit = read_cache_entry(entry, key, CACHE_FORMAT)
         if hit is not None:
             return hit
 
@@ -288,14 +295,8 @@ def load_corpus(data: Optional[Union[str, os.PathLike]] = None, *, use_cache: bo
     if len(val) < 2:
         raise CorpusError(f"the corpus has too little validation text ({len(val)} bytes): {source}")
     info.update(source=source, train_bytes=len(train), val_bytes=len(val))
-    written = _write_cache(entry, key, train, val, info) if use_cache else None
-    if written is not None:
-        corpus = _load_cached(written, key)
-        if corpus is not None:
-            corpus.info["cached"] = False  # built this time
-            return corpus
-    return Corpus(np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8),
-                  dict(info, cache=None, cached=False))
+    return store_corpus(entry, key, CACHE_FORMAT, np.frombuffer(train, dtype=np.uint8),
+                        np.frombuffer(val, dtype=np.uint8), info, use_cache)
 
 
 # --------------------------------------------------------------------------------------------- tokens

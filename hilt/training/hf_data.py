@@ -12,19 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
-from .data import Corpus, CorpusError, cache_dir, load_corpus
+from .data import Corpus, CorpusError, cache_dir, load_corpus, read_cache_entry, store_corpus
 
 __all__ = ["tokenizer_fingerprint", "tokenize_text", "load_token_corpus", "TOKEN_CACHE_FORMAT"]
 
-TOKEN_CACHE_FORMAT = 1
+TOKEN_CACHE_FORMAT = 2  # 2: the cache entry layout of data.store_corpus (dtype and item counts)
 CHUNK_CHARS = 1 << 16
 
 
@@ -64,47 +61,6 @@ def _dtype(tokenizer):
     return np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
-def _load(entry: Path, key: str) -> Optional[Corpus]:
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("format") != TOKEN_CACHE_FORMAT or meta.get("key") != key:
-        return None
-    dt = np.dtype(meta["dtype"])
-    arrays = []
-    for split in ("train", "val"):
-        p = entry / f"{split}.bin"
-        n = meta[f"{split}_tokens"]
-        if not p.is_file() or p.stat().st_size != n * dt.itemsize:
-            return None
-        arrays.append(np.memmap(p, dtype=dt, mode="r") if n else np.zeros(0, dtype=dt))
-    return Corpus(arrays[0], arrays[1], dict(meta["info"], cache=str(entry), cached=True))
-
-
-def _write(entry: Path, key: str, train: np.ndarray, val: np.ndarray, info: dict) -> Optional[Path]:
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-        for split, arr in (("train", train), ("val", val)):
-            with open(tmp / f"{split}.bin", "wb") as f:
-                f.write(arr.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-        meta = {"format": TOKEN_CACHE_FORMAT, "key": key, "dtype": train.dtype.name, "train_tokens": len(train),
-                "val_tokens": len(val), "info": info}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another process wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return entry
-    except OSError as e:
-        warnings.warn(f"hilt: cannot write the token cache under {entry.parent} ({e}); using memory only",
-                      stacklevel=3)
-        return None
-
-
 def load_token_corpus(data: Optional[Union[str, os.PathLike]], tokenizer, *, use_cache: bool = True,
                       cache: Optional[Union[str, os.PathLike]] = None,
                       stdlib: Optional[Union[str, os.PathLike]] = None) -> Corpus:
@@ -117,7 +73,7 @@ def load_token_corpus(data: Optional[Union[str, os.PathLike]], tokenizer, *, use
                                      "source": corpus.info.get("source")}).encode()).hexdigest()
     entry = (Path(cache) if cache is not None else cache_dir()) / f"tokens-{key[:24]}"
     if use_cache:
-        hit = _load(entry, key)
+        hit = read_cache_entry(entry, key, TOKEN_CACHE_FORMAT)
         if hit is not None:
             return hit
     dt = _dtype(tokenizer)
@@ -130,10 +86,4 @@ def load_token_corpus(data: Optional[Union[str, os.PathLike]], tokenizer, *, use
     info = {k: v for k, v in corpus.info.items() if k not in ("cache", "cached")}
     info.update(train_tokens=len(arrays[0]), val_tokens=len(arrays[1]), tokenizer=fp[:16],
                 vocab_size=len(tokenizer))
-    written = _write(entry, key, arrays[0], arrays[1], info) if use_cache else None
-    if written is not None:
-        hit = _load(written, key)
-        if hit is not None:
-            hit.info["cached"] = False
-            return hit
-    return Corpus(arrays[0], arrays[1], dict(info, cache=None, cached=False))
+    return store_corpus(entry, key, TOKEN_CACHE_FORMAT, arrays[0], arrays[1], info, use_cache)

@@ -51,7 +51,7 @@ from .evaluate import LN2
 from .logging import new_run_dir
 from .npt_parts import (STAGES, CurriculumError, NPTTrainConfig, NPTTrainResult, Stage,
                         csv_fields, kl_teacher_student, npt_loss, parse_curriculum, parse_layer_weights, stage_at)
-from .npt_step import StepLog, make_optimizer, metrics_row, optimize
+from .npt_step import StepLog, fmt_fidelity, make_optimizer, metrics_row, optimize, val_columns
 
 __all__ = ["STAGES", "Stage", "CurriculumError", "parse_curriculum", "stage_at", "parse_layer_weights",
            "NPTTrainConfig", "NPTScaffold", "npt_loss", "evaluate_fidelity", "make_sampler", "train_npt",
@@ -168,17 +168,13 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
         return evaluate_fidelity(model, corpus.val, eval_bs, seq_len, cfg.eval_iters, device=device,
                                  seed=cfg.seed + 1, d=d)
 
-    def fmt(m: dict) -> str:
-        return (f"KL(teacher||student) {m['kl']:.4f} nats/token, next-token agreement {100 * m['agreement']:.2f}%, "
-                f"val bits/byte student {m['student_bpb']:.4f} / teacher {m['teacher_bpb']:.4f}")
-
     def save(step: int) -> None:
         if d.master:
             N.save_np_weights(model, paths["weights"], {"base_checkpoint": str(Path(cfg.ckpt).resolve()),
                                                         "step": step})
 
     before = run_eval()
-    log(f"before: {fmt(before)}")
+    log(f"before: {fmt_fidelity(before, 'val ')}")
     history: list[dict] = []
     after = before
     steps_log = StepLog(paths["csv"], fields, max_steps, writes=d.master, progress=cfg.progress, log=log)
@@ -200,9 +196,8 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
             is_last = step + 1 == max_steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last:
                 after = run_eval()
-                row.update(val_kl=after["kl"], val_agreement=after["agreement"], val_student_bpb=after["student_bpb"],
-                           val_teacher_bpb=after["teacher_bpb"])
-                steps_log.say(f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt(after)}")
+                row.update(val_columns(after))
+                steps_log.say(f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt_fidelity(after, 'val ')}")
                 save(step + 1)
             row["seconds"] = time.perf_counter() - t_start
             history.append(row)
@@ -215,7 +210,7 @@ def train_npt(cfg: NPTTrainConfig, log=print) -> NPTTrainResult:
                                                 "seconds": seconds, "layers": layers, "trainable_parameters": n_train,
                                                 "base_checkpoint": str(Path(cfg.ckpt).resolve()),
                                                 "config": asdict(cfg)}, indent=2) + "\n")
-    log(f"after:  {fmt(after)}")
+    log(f"after:  {fmt_fidelity(after, 'val ')}")
     log(f"wrote {out}/ in {seconds:.0f} s: np_weights.safetensors (NP weights only), metrics.csv, summary.json")
     return NPTTrainResult(out, before, after, history, model, paths)
 

@@ -39,9 +39,9 @@ from .hf_data import load_token_corpus
 from .logging import new_run_dir
 from .npt_parts import (NPTTrainConfig, NPTTrainResult, csv_fields, npt_loss, parse_curriculum, parse_layer_weights,
                         stage_at)
-from .npt_step import StepLog, make_optimizer, metrics_row, optimize
+from .npt_step import StepLog, fmt_fidelity, make_optimizer, metrics_row, optimize, val_columns
 
-__all__ = ["HFNPTTrainConfig", "train_npt_hf", "DEFAULT_HF_SEQ_LEN", "fmt_fidelity", "peak_memory_mb"]
+__all__ = ["HFNPTTrainConfig", "train_npt_hf", "DEFAULT_HF_SEQ_LEN", "peak_memory_mb"]
 
 DEFAULT_HF_SEQ_LEN = 256
 
@@ -63,12 +63,6 @@ class HFNPTTrainConfig(NPTTrainConfig):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise TrainingError("npt-train --hf runs in one process (no torchrun)")
         self.validate_settings()
-
-
-def fmt_fidelity(m: dict) -> str:
-    return (f"KL(teacher||student) {m['kl']:.4f} nats/token, next-token agreement {100 * m['agreement']:.2f}%, "
-            f"loss student {m['student_nats']:.4f} / teacher {m['teacher_nats']:.4f} nats/token, "
-            f"bits/byte student {m['student_bpb']:.4f} / teacher {m['teacher_bpb']:.4f}")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -182,9 +176,7 @@ def train_npt_hf(cfg: HFNPTTrainConfig, log=print) -> NPTTrainResult:
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last:
                 after = run_eval()
                 model.train()
-                row.update(val_kl=after["kl"], val_agreement=after["agreement"], val_student_bpb=after["student_bpb"],
-                           val_teacher_bpb=after["teacher_bpb"], val_student_nats=after["student_nats"],
-                           val_teacher_nats=after["teacher_nats"])
+                row.update(val_columns(after))
                 steps_log.say(f"step {step + 1} ({stage.name}): loss {row['loss']:.4f}; {fmt_fidelity(after)}")
                 save(step + 1)
             row["seconds"] = time.perf_counter() - t_start

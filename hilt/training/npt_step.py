@@ -13,7 +13,9 @@ import torch
 from .npt_parts import NPTTrainConfig, Stage
 from .schedule import WarmupCosine
 
-__all__ = ["make_optimizer", "optimize", "metrics_row", "StepLog"]
+__all__ = ["make_optimizer", "optimize", "metrics_row", "val_columns", "fmt_fidelity", "StepLog"]
+
+FIDELITY_KEYS = ("kl", "agreement", "student_bpb", "teacher_bpb", "student_nats", "teacher_nats")
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: NPTTrainConfig,
@@ -64,6 +66,20 @@ def metrics_row(step: int, stage: Stage, lr: float, losses: dict[str, float], gr
         for k, c in enumerate(st.v_a_attn_cos.tolist()):
             row[f"layer{i}_v_a_attn_cos_r{k}"] = c
     return row
+
+
+def val_columns(m: dict) -> dict:
+    """The metrics.csv columns of a fidelity evaluation: ``val_<key>`` for each of :data:`FIDELITY_KEYS` it has."""
+    return {f"val_{k}": m[k] for k in FIDELITY_KEYS if k in m}
+
+
+def fmt_fidelity(m: dict, split: str = "") -> str:
+    """One line of a fidelity evaluation (the nats/token losses when it has them); ``split``: a prefix of the
+    bits/byte, e.g. ``"val "``."""
+    line = f"KL(teacher||student) {m['kl']:.4f} nats/token, next-token agreement {100 * m['agreement']:.2f}%, "
+    if "student_nats" in m:
+        line += f"loss student {m['student_nats']:.4f} / teacher {m['teacher_nats']:.4f} nats/token, "
+    return line + f"{split}bits/byte student {m['student_bpb']:.4f} / teacher {m['teacher_bpb']:.4f}"
 
 
 class StepLog:

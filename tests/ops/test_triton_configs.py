@@ -21,6 +21,7 @@ import hilt_kernels
 from hilt_kernels.triton import _launch
 from tests import naive
 from tests.conftest import assert_close, on_test_device, skip_missing_backend, triton_usable
+from tests.ops.kept_configs import run_every_kept_config
 from tests.ops.test_block_local_attention import make_mask
 
 
@@ -28,47 +29,6 @@ from tests.ops.test_block_local_attention import make_mask
 def _need_triton():
     if not triton_usable():
         skip_missing_backend("triton", "triton is not usable here")
-
-
-def _ckey(c):
-    return tuple(sorted(c.kwargs.items()))
-
-
-def _distinct(kept):
-    """Kept configs with distinct tile parameters, in the pruner's order."""
-    out, seen = [], set()
-    for c in kept:
-        if _ckey(c) not in seen:
-            seen.add(_ckey(c))
-            out.append(c)
-    return out
-
-
-def run_every_kept_config(monkeypatch, fn):
-    """Call ``fn()`` (which checks its own results) once per kept-config index; returns
-    {kernel name: set of config keys run} after asserting it equals the set of keys kept."""
-    state = {"i": 0, "more": False}
-    ran: dict = {}
-    kept_all: dict = {}
-
-    def pick(name, kept):
-        d = _distinct(kept)
-        kept_all.setdefault(name, set()).update(_ckey(c) for c in d)
-        if state["i"] + 1 < len(d):
-            state["more"] = True
-        c = d[min(state["i"], len(d) - 1)]
-        ran.setdefault(name, set()).add(_ckey(c))
-        return c
-
-    monkeypatch.setattr(_launch, "pick", pick)
-    while True:
-        state["more"] = False
-        fn()
-        if not state["more"]:
-            break
-        state["i"] += 1
-    assert ran == kept_all, f"configs kept but never run: { {k: kept_all[k] - ran[k] for k in kept_all} }"
-    return ran
 
 
 def _grads(fn, xs, seed=1):

@@ -9,6 +9,7 @@ import torch
 
 import hilt_kernels
 from tests.conftest import HAS_CUDA, assert_close
+from tests.ops.kept_configs import run_every_kept_config
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (GPU-only triton tests)")
 
@@ -133,29 +134,6 @@ ALL_CONFIG_CASES = {
 }
 
 
-def _every_config(monkeypatch, fn):
-    from hilt_kernels.triton import _launch
-
-    state = {"i": 0, "more": False}
-    ran, kept_all = {}, {}
-
-    def pick(name, kept):
-        kept_all.setdefault(name, set()).update(map(str, kept))
-        state["more"] |= state["i"] + 1 < len(kept)
-        c = kept[min(state["i"], len(kept) - 1)]
-        ran.setdefault(name, set()).add(str(c))
-        return c
-
-    monkeypatch.setattr(_launch, "pick", pick)
-    while True:
-        state["more"] = False
-        fn()
-        if not state["more"]:
-            break
-        state["i"] += 1
-    assert ran == kept_all
-
-
 @pytest.mark.parametrize("op", list(ALL_CONFIG_CASES))
 def test_every_kept_config_on_gpu(monkeypatch, op):
     torch.manual_seed(0)
@@ -181,5 +159,5 @@ def test_every_kept_config_on_gpu(monkeypatch, op):
                   torch.randn((6, 128) if per_channel else (6,), device="cuda")]
             fns = [lambda v, a, be: hilt_kernels.ema_depth_scan(v, a, backend=be)]
         fn = fns[0]
-        _every_config(monkeypatch, lambda: _compare(lambda *a: fn(*a, "triton"),
-                                                    lambda *a: fn(*a, "reference"), xs, dtype, f"{op} {case}"))
+        run_every_kept_config(monkeypatch, lambda: _compare(lambda *a: fn(*a, "triton"), lambda *a: fn(*a, "reference"),
+                                                            xs, dtype, f"{op} {case}"), tiles_only=False)

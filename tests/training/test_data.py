@@ -154,3 +154,22 @@ def test_eval_batches_fixed_and_full_sweep():
     # every target byte once (non-overlapping windows), except the tail that does not fill a window
     assert sweep.reshape(-1).tolist() == list(range(1, 1 + sweep.numel()))
     assert sweep.numel() > 90
+
+
+def test_cache_entries_round_trip_and_unwritable_cache_falls_back(tmp_path):
+    """store_corpus / read_cache_entry (shared by the byte and the tokenizer corpus): any dtype round-trips,
+    another key or format is not read, and an unwritable cache folder warns and keeps the corpus in memory."""
+    from hilt.training.data import read_cache_entry, store_corpus
+
+    train, val = np.arange(1000, dtype=np.uint16), np.arange(7, dtype=np.uint16)
+    c = store_corpus(tmp_path / "c" / "e", "k1", 5, train, val, {"x": 1}, use_cache=True)
+    assert isinstance(c.train, np.memmap) and c.train.dtype == np.uint16 and not c.info["cached"]
+    assert np.array_equal(c.train, train) and np.array_equal(c.val, val) and c.info["x"] == 1
+    again = read_cache_entry(tmp_path / "c" / "e", "k1", 5)
+    assert again.info["cached"] and np.array_equal(again.val, val)
+    assert read_cache_entry(tmp_path / "c" / "e", "k2", 5) is None
+    assert read_cache_entry(tmp_path / "c" / "e", "k1", 6) is None
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.warns(UserWarning, match="cannot write the token cache"):
+        m = store_corpus(tmp_path / "file" / "e", "k1", 5, train, val, {}, use_cache=True)
+    assert m.info["cache"] is None and not m.info["cached"] and np.array_equal(m.train, train)
