@@ -145,13 +145,9 @@ class GPT(nn.Module):
         ``max_len`` (default and maximum: ``config.max_seq_len``) tokens, on the model's device and dtype."""
         if not self.supports_kv_cache:
             raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding path")
-        max_len = self.config.max_seq_len if max_len is None else int(max_len)
-        if not 1 <= max_len <= self.config.max_seq_len:
-            raise ValueError(f"max_len must be in [1, max_seq_len={self.config.max_seq_len}], got {max_len}")
-        ref = self.tok_emb.weight
         attn = self.layers[0].attn
-        return KVCache(len(self.layers), batch_size, attn.n_heads, attn.head_dim, max_len,
-                       device=device or ref.device, dtype=dtype or ref.dtype)
+        return KVCache.for_model(len(self.layers), batch_size, attn.n_heads, attn.head_dim, max_len,
+                                 self.config.max_seq_len, self.tok_emb.weight, device, dtype)
 
     def _step_layers(self, h: Tensor, cache: KVCache, pos: int, ragged=None) -> Tensor:
         for i, layer in enumerate(self.layers):

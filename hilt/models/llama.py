@@ -305,13 +305,9 @@ class Llama(nn.Module):
 
         if not self.supports_kv_cache:
             raise NotImplementedError("a layer of this Llama has no cached path (forward_cached)")
-        max_len = self.config.max_seq_len if max_len is None else int(max_len)
-        if not 1 <= max_len <= self.config.max_seq_len:
-            raise ValueError(f"max_len must be in [1, max_seq_len={self.config.max_seq_len}], got {max_len}")
-        ref = self.tok_emb.weight
         attn = self.layers[0].attn
-        return KVCache(len(self.layers), batch_size, attn.n_kv_heads, attn.head_dim, max_len,
-                       device=device or ref.device, dtype=dtype or ref.dtype)
+        return KVCache.for_model(len(self.layers), batch_size, attn.n_kv_heads, attn.head_dim, max_len,
+                                 self.config.max_seq_len, self.tok_emb.weight, device, dtype)
 
     def forward_step(self, ids: Tensor, cache, start_pos: Optional[int] = None) -> ModelOutput:
         """Logits (B, T, vocab) of ``ids`` (B, T) at positions ``start_pos ..`` (default ``cache.length``),

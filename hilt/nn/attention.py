@@ -36,6 +36,17 @@ class KVCache:
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.pad: Optional[Tensor] = None
 
+    @classmethod
+    def for_model(cls, n_layers: int, batch_size: int, n_heads: int, head_dim: int, max_len: Optional[int],
+                  max_seq_len: int, like: Tensor, device=None, dtype=None) -> "KVCache":
+        """A model's empty cache: ``max_len`` tokens (default and maximum: the model's ``max_seq_len``; a
+        ValueError otherwise), on ``device`` / ``dtype`` (default: those of the parameter ``like``)."""
+        max_len = max_seq_len if max_len is None else int(max_len)
+        if not 1 <= max_len <= max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={max_seq_len}], got {max_len}")
+        return cls(n_layers, batch_size, n_heads, head_dim, max_len, device=device or like.device,
+                   dtype=dtype or like.dtype)
+
     def reset(self) -> "KVCache":
         """Empty the cache (and drop any left padding)."""
         self.length = 0

@@ -229,7 +229,7 @@ class _StepWeights:
         if prev.shape != cur.shape or prev.shape[-1] != d:
             raise ValueError(f"prev and cur must both be (..., {d}), got {tuple(prev.shape)} and {tuple(cur.shape)}")
         if self.cpu is not None and self.cpu.accepts(prev, cur, out):
-            return self.cpu(prev, cur, out, None if out is None else scale)
+            return self.cpu.run(prev, cur, out, None if out is None else scale)
         stacked, stacked3, x0, x0_2d, per_layer, mod, mod_view = self._workspace(prev.shape)
         layer_norm, addmm, addcmul = torch.layer_norm, torch.addmm, torch.addcmul
         torch.stack((prev, cur), out=stacked)

@@ -89,9 +89,12 @@ class PackedILT:
             raise ValueError(
                 f"prev, cur (and base) must be contiguous fp32 CPU tensors of one shape (..., {self.d}) with at "
                 f"most {self.max_tokens or max_tokens()} rows; got prev {tuple(prev.shape)} {prev.dtype} "
-                f"{prev.device}, cur "
-                f"{tuple(cur.shape)} {cur.dtype} {cur.device}"
+                f"{prev.device}, cur {tuple(cur.shape)} {cur.dtype} {cur.device}"
                 + ("" if base is None else f", base {tuple(base.shape)} {base.dtype} {base.device}"))
+        return self.run(prev, cur, base, scale)
+
+    def run(self, prev: Tensor, cur: Tensor, base: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
+        """:meth:`__call__` without checking the tensors: for callers that asked :meth:`accepts` already."""
         if scale is not None and not (isinstance(scale, Tensor) and scale.dtype == torch.float32
                                       and scale.is_cpu and scale.numel() == 1):
             scale = torch.tensor(float(scale), dtype=torch.float32)
