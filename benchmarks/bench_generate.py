@@ -234,11 +234,7 @@ def hilt_protocol(runs: int = 5, new_tokens: int = 200) -> dict:
         ratios = {k: [h / g for h, g in zip(tps[k], tps["gpt"])] for k in models if k != "gpt"}
         return {"tokens_per_s": tps, "median_tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
                 "cpu_library": library, "ratios_per_run": ratios,
-                "median_ratio": {k: statistics.median(v) for k, v in ratios.items()},
-                "hilt_over_gpt_per_run": ratios["hilt"], "hilt_over_gpt_median": statistics.median(ratios["hilt"]),
-                "encoder_op_over_gpt_per_run": ratios["hilt_encoder_op"],
-                "encoder_op_over_gpt_median": statistics.median(ratios["hilt_encoder_op"]),
-                "module_ilts_over_gpt_median": statistics.median(ratios["hilt_module_ilts"]), "runs": runs,
+                "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}, "runs": runs,
                 "new_tokens": new_tokens, "threads": 1}
     finally:
         torch.set_num_threads(n)
@@ -306,9 +302,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def _load_note(results: dict) -> str:
-    load = results.get("load_average")
-    if not load:  # results written before the load was recorded: those runs shared the CPU with other jobs
-        return "**The CPU was shared with other jobs while this ran**: absolute numbers are noisy."
+    load = results["load_average"]
     return (f"1-minute load average {'–'.join(f'{x:g}' for x in load)} (start–end) on {results.get('cpu_count')} "
             "CPUs: a load above the thread count means other jobs shared the CPU.")
 
@@ -356,16 +350,14 @@ def markdown(results: dict) -> str:
                   "hilt_torch_ops": "HILT (ILT step as PyTorch ops on packed weights, 12 ops per window layer)",
                   "hilt_encoder_op": "HILT (fused encoder-layer op per window layer, an earlier path)",
                   "hilt_module_ilts": "HILT (ILT module forward, the first path)"}
-        ratio = hp.get("median_ratio") or {"hilt": hp["hilt_over_gpt_median"],
-                                           "hilt_encoder_op": hp["encoder_op_over_gpt_median"],
-                                           "hilt_module_ilts": hp["module_ilts_over_gpt_median"]}
+        ratio = hp["median_ratio"]
         lines += ["HILT decoding cost (README size: d_model 128, 4 layers, context 256, ilt_dim 64; 32-token prompt, "
                   f"{hp['new_tokens']} new tokens, greedy, 1 thread, eager, {hp['runs']} interleaved runs):", "",
                   tm.markdown_table(["model", "median tok/s", "median ratio vs GPT"],
                                     [["GPT", tm.fmt(med["gpt"]), "1"]]
                                     + [[labels[k], tm.fmt(med[k]), f"{ratio[k]:.2f}x"] for k in labels if k in ratio]),
                   ""]
-        for k, per_run in (hp.get("ratios_per_run") or {"hilt": hp["hilt_over_gpt_per_run"]}).items():
+        for k, per_run in hp["ratios_per_run"].items():
             lines += [f"Per-run {k}/GPT ratios: " + ", ".join(f"{r:.2f}" for r in per_run), ""]
     rp = results.get("ragged_protocol")
     if rp:
