@@ -98,15 +98,16 @@ def eval_main(argv: Optional[list[str]] = None, prog: str = "hilt eval") -> int:
 
 
 def build_generate_parser(prog: str = "hilt generate") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Continue a prompt with a trained checkpoint (byte-level) "
-                                                       "or a Hugging Face model (--hf, its tokenizer).")
+    p = argparse.ArgumentParser(prog=prog, description="Continue one or more prompts with a trained checkpoint "
+                                                       "(byte-level) or a Hugging Face model (--hf, its tokenizer).")
     _base_args(p)
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="text to continue (default: 'def '); repeat it to continue several prompts in one batch "
                         "(each keeps its own positions; printed one after another under '=== i ===' lines)")
     p.add_argument("--prompt-file", metavar="PATH",
                    help="more prompts, one per line (blank lines skipped), added after any --prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default: 200)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="bytes (tokens of its tokenizer with --hf) to generate per prompt (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
@@ -167,7 +168,7 @@ def generate_main(argv: Optional[list[str]] = None, prog: str = "hilt generate")
 COMMANDS = {
     "train": "train a model (default: a small HILT on the Python standard library)",
     "eval": "validation loss and bits/byte of a checkpoint",
-    "generate": "continue a prompt with a checkpoint",
+    "generate": "continue one or more prompts with a checkpoint",
     "info": "versions, devices and kernel backends available here",
 }
 COMMANDS["npt-train"] = ("train neuro-plastic (NP) layers of a Llama checkpoint or Hugging Face Llama model with "
